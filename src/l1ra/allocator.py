@@ -1,0 +1,85 @@
+"""Rank reallocation as plain functions on gate vectors: no PEFT, no transformers.
+
+`plan_reallocation` decides, from each adapter's gate vector, which ranks survive and how many new ranks each
+adapter receives. Applying the plan to the model lives in `l1ra.resize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    keep: tuple[int, ...]  # indices of surviving ranks, in their original order
+    n_new: int  # ranks appended after the survivors
+
+    @property
+    def rank(self) -> int:
+        return len(self.keep) + self.n_new
+
+    def pruned(self, old_rank: int) -> int:
+        return old_rank - len(self.keep)
+
+
+def prune_mask(gate: torch.Tensor, prune_threshold: float, min_rank: int) -> torch.Tensor:
+    """Boolean mask of ranks to keep: gate > threshold, topped up with the largest gates to reach `min_rank`."""
+    gate = gate.detach().float().clamp(0, 1)
+    keep = gate > prune_threshold
+    missing = min(min_rank, gate.numel()) - int(keep.sum())
+    if missing > 0:
+        # Stable order: among the pruned, revive the largest gates, earliest index first on ties.
+        candidates = (~keep).nonzero().flatten()
+        order = torch.sort(gate[candidates], descending=True, stable=True).indices
+        keep[candidates[order[:missing]]] = True
+    return keep
+
+
+def plan_reallocation(
+    gates: Sequence[torch.Tensor],
+    *,
+    prune_threshold: float = 0.0,
+    min_rank: int = 1,
+    max_rank: Optional[int] = None,
+    reassign: bool = True,
+    exclude_pruned: bool = True,
+) -> list[AdapterPlan]:
+    """Prune weak ranks and hand the freed ones out so that the total rank stays the same.
+
+    Receivers are sorted by their smallest surviving gate, largest first (an adapter whose weakest rank is still
+    strong wants more rank), and served one rank at a time, round-robin. Adapters pruned in this round are skipped
+    when `exclude_pruned`, unless no other adapter can take a rank, so the budget is always kept.
+    """
+    keeps = [prune_mask(g, prune_threshold, min_rank) for g in gates]
+    kept = [int(k.sum()) for k in keeps]
+    freed = sum(g.numel() for g in gates) - sum(kept)
+    n_new = [0] * len(gates)
+    if reassign and freed > 0:
+        min_gate = [float(g.detach().float().clamp(0, 1)[k].min()) for g, k in zip(gates, keeps)]
+        order = sorted(range(len(gates)), key=lambda i: -min_gate[i])  # sorted() is stable: ties by index
+        pruned = {i for i in range(len(gates)) if kept[i] < gates[i].numel()}
+        tiers = [[i for i in order if i not in pruned], order] if exclude_pruned else [order]
+        cap = max_rank if max_rank is not None else float("inf")
+        for tier in tiers:
+            while freed > 0:
+                takers = [i for i in tier if kept[i] + n_new[i] < cap]
+                if not takers:
+                    break
+                for i in takers[:freed]:
+                    n_new[i] += 1
+                freed -= min(freed, len(takers))
+        if freed > 0:
+            raise ValueError(f"max_rank={max_rank} leaves no room for {freed} freed ranks; raise max_rank.")
+    return [
+        AdapterPlan(keep=tuple(k.nonzero().flatten().tolist()), n_new=n) for k, n in zip(keeps, n_new)
+    ]
+
+
+def is_reallocation_step(step: int, interval: int, total_steps: Optional[int]) -> bool:
+    """Reallocate every `interval` optimizer steps, but not at the last step (new ranks would never train)."""
+    if step <= 0 or step % interval:
+        return False
+    return total_steps is None or step < total_steps

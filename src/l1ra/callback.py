@@ -1,0 +1,53 @@
+"""`L1RACallback`: L1RA inside `transformers.Trainer` / TRL's `SFTTrainer`, with no Trainer subclass."""
+
+from __future__ import annotations
+
+import warnings
+
+from transformers import TrainerCallback
+
+from .model import after_optimizer_step, find_l1ra_model, gates
+from .optim import group_lr_of, unwrap_optimizer
+
+
+class L1RACallback(TrainerCallback):
+    """Runs `l1ra.after_optimizer_step` once per optimizer step (never per micro-batch).
+
+    Give the Trainer L1RA's optimizer so that the gates get their own learning rate and no weight decay::
+
+        Trainer(model, args, optimizers=(l1ra.create_optimizer(model, lr=args.learning_rate), None),
+                callbacks=[l1ra.L1RACallback()])
+    """
+
+    def __init__(self):
+        self.events = []
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        peft_model = find_l1ra_model(model)
+        peft_model.l1ra_state.config.total_steps = state.max_steps
+        opt = unwrap_optimizer(optimizer)
+        live = list(gates(peft_model).values())
+        lrs = group_lr_of(opt, live)
+        if any(lr is None for lr in lrs):
+            raise ValueError(
+                "the Trainer's optimizer does not hold the L1RA gates; pass "
+                "optimizers=(l1ra.create_optimizer(model, lr=args.learning_rate), None) to the Trainer."
+            )
+        gate_ids = {id(g) for g in live}
+        shared = [
+            g for g in opt.param_groups if any(id(p) in gate_ids for p in g["params"])
+            and any(id(p) not in gate_ids for p in g["params"])
+        ]
+        if shared:
+            warnings.warn(
+                "l1ra: the gates share a param group with other weights, so they train at that group's lr and weight "
+                "decay instead of eta_c; pass optimizers=(l1ra.create_optimizer(model, lr=...), None) to the Trainer.",
+                stacklevel=2,
+            )
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # Fired right after optimizer.step() and before the lr scheduler steps and gradients are zeroed;
+        # state.global_step still counts the steps before this one.
+        event = after_optimizer_step(model, optimizer, step=state.global_step + 1)
+        if event is not None:
+            self.events.append(event)

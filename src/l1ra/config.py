@@ -1,0 +1,156 @@
+"""`L1RAConfig`: every `peft.LoraConfig` argument plus the L1RA fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft import LoraConfig
+
+# Fields that belong to L1RA only; everything else is LoRA's and goes to PEFT unchanged.
+L1RA_FIELDS = (
+    "l1ra_lambda",
+    "eta_c",
+    "update_every",
+    "prune_threshold",
+    "min_rank",
+    "max_rank",
+    "reassign",
+    "exclude_pruned",
+    "seed",
+    "total_steps",
+)
+
+
+@dataclass
+class L1RAConfig(LoraConfig):
+    """LoRA with a gate vector between the two factors, an L1 penalty on the gates and a fixed rank budget.
+
+    Accepts every `peft.LoraConfig` argument (`r`, `lora_alpha`, `target_modules`, `rank_pattern`, ...).
+    """
+
+    l1ra_lambda: float = field(
+        default=0.1,
+        metadata={
+            "help": "Strength of the L1 (lasso) penalty on the gates. After every optimizer step each gate moves "
+            "`gate_lr * l1ra_lambda` toward zero (proximal step), so a gate whose rank does not help reaches 0."
+        },
+    )
+    eta_c: float = field(
+        default=2e-2,
+        metadata={"help": "Learning rate of the gates (they get no weight decay); follows the run's lr schedule."},
+    )
+    update_every: Union[float, int] = field(
+        default=0.1,
+        metadata={
+            "help": "How often ranks are reallocated: a float in (0, 1] is a fraction of the total optimizer steps, "
+            "an int is a number of optimizer steps."
+        },
+    )
+    prune_threshold: float = field(
+        default=0.0,
+        metadata={
+            "help": "A rank is pruned when its gate is <= this value. 0 prunes only gates that are exactly zero, which "
+            "leaves the model's output unchanged; a positive value prunes sooner but changes the output slightly."
+        },
+    )
+    min_rank: int = field(default=1, metadata={"help": "No adapter is pruned below this rank."})
+    max_rank: Optional[int] = field(
+        default=None, metadata={"help": "Optional cap on the rank an adapter can receive (None: no cap)."}
+    )
+    reassign: bool = field(
+        default=True,
+        metadata={"help": "Hand pruned ranks to other adapters (keeps the budget). False: prune only (SoRA-like)."},
+    )
+    exclude_pruned: bool = field(
+        default=True, metadata={"help": "Adapters pruned in a round receive no new rank in that round."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the initialisation of new ranks (same on every process)."})
+    total_steps: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Total optimizer steps of the run; needed when `update_every` is a fraction and no Trainer "
+            "tells it (the L1RACallback sets it from the Trainer)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_l1ra()
+
+    def _validate_l1ra(self) -> None:
+        def fail(name, value, fix):
+            raise ValueError(f"L1RAConfig.{name}={value!r} is invalid: {fix}")
+
+        def is_real(x):
+            return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+        def is_int(x):
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+        if not is_real(self.l1ra_lambda) or not math.isfinite(self.l1ra_lambda) or self.l1ra_lambda < 0:
+            fail("l1ra_lambda", self.l1ra_lambda, "use a finite number >= 0 (0 disables the L1 penalty).")
+        if not is_real(self.eta_c) or not math.isfinite(self.eta_c) or self.eta_c <= 0:
+            fail("eta_c", self.eta_c, "use a finite learning rate > 0 for the gates, e.g. 2e-2.")
+        if is_int(self.update_every):
+            if self.update_every < 1:
+                fail("update_every", self.update_every, "an integer interval must be >= 1 optimizer step.")
+        elif is_real(self.update_every):
+            if not (0 < self.update_every <= 1):
+                fail(
+                    "update_every",
+                    self.update_every,
+                    "a float is a fraction of the total steps and must be in (0, 1]; use an int for a step count.",
+                )
+        else:
+            fail("update_every", self.update_every, "use a float in (0, 1] or an int >= 1.")
+        if not is_real(self.prune_threshold) or not (0 <= self.prune_threshold < 1):
+            fail("prune_threshold", self.prune_threshold, "use a number in [0, 1); 0 prunes only gates that are exactly 0.")
+        if not is_int(self.min_rank) or self.min_rank < 1:
+            fail("min_rank", self.min_rank, "use an integer >= 1.")
+        ranks = [self.r, *dict(self.rank_pattern or {}).values()]
+        if self.min_rank > min(ranks):
+            fail("min_rank", self.min_rank, f"it must not exceed the smallest initial rank ({min(ranks)}).")
+        if self.max_rank is not None:
+            if not is_int(self.max_rank) or self.max_rank < max(ranks):
+                fail("max_rank", self.max_rank, f"use None or an integer >= the largest initial rank ({max(ranks)}).")
+        for name in ("reassign", "exclude_pruned"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "use True or False.")
+        if not is_int(self.seed):
+            fail("seed", self.seed, "use an integer.")
+        if self.total_steps is not None and (not is_int(self.total_steps) or self.total_steps < 1):
+            fail("total_steps", self.total_steps, "use None or an integer >= 1.")
+        if self.use_dora:
+            fail("use_dora", self.use_dora, "L1RA gates LoRA's rank; DoRA's magnitude term is not gated. Set use_dora=False.")
+        if getattr(self, "target_parameters", None):
+            fail(
+                "target_parameters",
+                self.target_parameters,
+                "L1RA adapts linear layers only; use target_modules instead.",
+            )
+
+    def to_lora_config(self) -> LoraConfig:
+        """The plain PEFT `LoraConfig` (LoRA fields only) that PEFT itself builds and saves."""
+        values = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(LoraConfig) if f.init and f.name != "peft_type"
+        }
+        return LoraConfig(**values)
+
+    def l1ra_dict(self) -> dict:
+        return {name: getattr(self, name) for name in L1RA_FIELDS}
+
+    def update_interval(self, total_steps: Optional[int]) -> int:
+        """Optimizer steps between two reallocations."""
+        if isinstance(self.update_every, numbers.Integral):
+            return int(self.update_every)
+        if total_steps is None:
+            raise ValueError(
+                f"L1RAConfig.update_every={self.update_every!r} is a fraction of the total steps, but the total is "
+                "unknown: set L1RAConfig(total_steps=...) (or l1ra.set_total_steps(model, n)), or use an integer "
+                "update_every."
+            )
+        return max(1, round(self.update_every * total_steps))

@@ -1,0 +1,80 @@
+"""Gate vectors on PEFT's own LoRA layers: attach, find, apply (forward hook), shrink (proximal L1 step).
+
+The gate of adapter `a` on a `peft.tuners.lora.LoraLayer` lives in `layer.l1ra_gate[a]` (a name without `lora_`, so
+PEFT's adapter state-dict filter never sees it). A forward hook on `layer.lora_A[a]` multiplies A's output by the
+gate clamped to [0, 1], which gives `delta = B diag(c) A x * scaling` without touching PEFT's forward.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from peft.tuners.lora import LoraLayer
+
+GATE_ATTR = "l1ra_gate"
+_LAYER_REF = "_l1ra_layer"  # back reference from lora_A[a] to its LoraLayer, kept out of the module tree
+
+
+class GateHook:
+    """Forward hook on `lora_A[adapter]`: scale A's output by the clamped gate. Picklable and deep-copyable."""
+
+    def __init__(self, adapter: str):
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        gate = module.__dict__[_LAYER_REF].l1ra_gate[self.adapter]
+        return output * gate.clamp(0, 1).to(output.dtype)
+
+
+def attach_gate(layer: LoraLayer, adapter: str) -> nn.Parameter:
+    """Give `layer` a gate of ones for `adapter` (so the adapter starts exactly as LoRA) and hook it in."""
+    lora_A = layer.lora_A[adapter]
+    if not isinstance(lora_A, nn.Linear):
+        raise TypeError(f"expected an nn.Linear lora_A, got {type(lora_A).__name__}")
+    if not hasattr(layer, GATE_ATTR):
+        layer.l1ra_gate = nn.ParameterDict()
+    weight = lora_A.weight
+    gate = nn.Parameter(
+        torch.ones(layer.r[adapter], device=weight.device, dtype=weight.dtype), requires_grad=weight.requires_grad
+    )
+    layer.l1ra_gate[adapter] = gate
+    lora_A.__dict__[_LAYER_REF] = layer
+    lora_A.register_forward_hook(GateHook(adapter))
+    return gate
+
+
+def gated_layers(model: nn.Module, adapter: str) -> Iterator[tuple[str, LoraLayer]]:
+    """(name, layer) for every LoRA layer with an L1RA gate for `adapter`, in module order.
+
+    Names are relative to the wrapped transformers model (e.g. `model.layers.0.self_attn.q_proj`), the form that
+    PEFT's `rank_pattern` uses.
+    """
+    root = _inner_model(model)
+    for name, module in root.named_modules():
+        if isinstance(module, LoraLayer) and adapter in getattr(module, GATE_ATTR, {}):
+            yield name, module
+
+
+def _inner_model(model: nn.Module) -> nn.Module:
+    # PeftModel -> LoraModel -> the user's model; names relative to the latter match rank_pattern keys.
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and isinstance(getattr(base, "model", None), nn.Module):
+        return base.model
+    return model
+
+
+@torch.no_grad()
+def shrink_gates_(gates: list[torch.Tensor], taus: list[float]) -> None:
+    """Proximal L1 step for gates in [0, 1]: `c <- clamp(c - tau, 0, 1)` (soft threshold, then the box)."""
+    buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for gate, tau in zip(gates, taus):
+        buckets[(tau, gate.device, gate.dtype)].append(gate)
+    for (tau, _, _), group in buckets.items():
+        if tau:
+            torch._foreach_add_(group, -tau)
+        torch._foreach_clamp_min_(group, 0.0)
+        torch._foreach_clamp_max_(group, 1.0)

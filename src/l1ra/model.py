@@ -1,0 +1,289 @@
+"""`get_l1ra_model` and the training-time API: gates, ranks, the per-step L1 and the reallocation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+import peft
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+
+from .allocator import is_reallocation_step, plan_reallocation
+from .config import L1RAConfig
+from .gates import attach_gate, gated_layers, shrink_gates_
+from .history import RankHistory, ReallocationEvent
+from .optim import group_lr_of, param_groups, remap_optimizer
+from .resize import new_lora_A_rows, resize_adapter
+
+
+@dataclass
+class L1RAState:
+    """Everything L1RA keeps beside PEFT's LoRA weights (saved in `l1ra_state.json` for resuming)."""
+
+    config: L1RAConfig
+    adapter: str
+    budget: int
+    step: int = 0  # optimizer steps seen by after_optimizer_step
+    reallocations: int = 0
+    history: RankHistory = field(default_factory=RankHistory)
+    layers: list[tuple[str, LoraLayer]] = field(default_factory=list, repr=False)  # cached gated_layers()
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        return self.config.total_steps
+
+
+class L1RAModelMixin:
+    """Mixed into PEFT's own `PeftModel` classes: the model stays a `peft.PeftModel` (and e.g. a
+    `PeftModelForCausalLM`), and saving writes a plain PEFT LoRA adapter. See `l1ra.export`."""
+
+    l1ra_state: L1RAState
+
+    def save_pretrained(self, save_directory, **kwargs):
+        from .export import save_l1ra
+
+        save_l1ra(self, save_directory, super_save=super().save_pretrained, **kwargs)
+
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        from .export import load_into
+
+        if adapter_name == self.l1ra_state.adapter:
+            return load_into(self, model_id)
+        return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+
+    def merge_and_unload(self, *args, **kwargs):
+        fold_gates_(self)
+        return self.base_model.merge_and_unload(*args, **kwargs)
+
+    def merge_adapter(self, *args, **kwargs):
+        # PEFT merges B @ A; fold the gates into A for the merge and restore the raw values on unmerge.
+        self._l1ra_unmerged = {
+            name: (layer.lora_A[self.l1ra_state.adapter].weight.detach().clone(), gate.detach().clone())
+            for (name, layer), gate in zip(self.l1ra_state.layers, gates(self).values())
+        }
+        fold_gates_(self)
+        return self.base_model.merge_adapter(*args, **kwargs)
+
+    def unmerge_adapter(self, *args, **kwargs):
+        result = self.base_model.unmerge_adapter(*args, **kwargs)
+        saved = self.__dict__.pop("_l1ra_unmerged", {})
+        with torch.no_grad():
+            for name, layer in self.l1ra_state.layers:
+                if name in saved:
+                    layer.lora_A[self.l1ra_state.adapter].weight.copy_(saved[name][0])
+                    layer.l1ra_gate[self.l1ra_state.adapter].copy_(saved[name][1])
+        return result
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _l1ra_class(cls: type) -> type:
+    """`L1RA<PeftModel class>`: defined once per PEFT class, at module level so models stay picklable."""
+    if cls not in _CLASSES:
+        new = type(f"L1RA{cls.__name__}", (L1RAModelMixin, cls), {"__module__": __name__})
+        globals()[new.__name__] = new
+        _CLASSES[cls] = new
+    return _CLASSES[cls]
+
+
+def get_l1ra_model(
+    model: nn.Module, config: L1RAConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True
+) -> PeftModel:
+    """Wrap `model` with PEFT's LoRA layers plus L1RA gates. Returns a `peft.PeftModel` (task subclass included)."""
+    if not isinstance(config, L1RAConfig):
+        raise ValueError(
+            f"get_l1ra_model needs an l1ra.L1RAConfig, got {type(config).__name__}; build one with the same "
+            "arguments: L1RAConfig(r=..., target_modules=..., ...)."
+        )
+    peft_model = peft.get_peft_model(
+        model, config.to_lora_config(), adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+    )
+    inner = peft_model.base_model.model
+    layers = [(n, m) for n, m in inner.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r]
+    unsupported = [
+        f"{n} ({type(m.get_base_layer()).__name__})"
+        for n, m in layers
+        if not isinstance(m.lora_A[adapter_name] if adapter_name in m.lora_A else None, nn.Linear)
+    ]
+    if unsupported:
+        peft_model.unload()  # give the user their model back untouched
+        raise ValueError(
+            f"L1RA adapts linear layers (nn.Linear, GPT-2 Conv1D) only; target_modules also matched: "
+            f"{', '.join(unsupported[:5])}. Remove these from target_modules (or use target_modules='all-linear')."
+        )
+    for _, layer in layers:
+        attach_gate(layer, adapter_name)
+    peft_model.__class__ = _l1ra_class(type(peft_model))
+    ranks = {n: m.r[adapter_name] for n, m in layers}
+    peft_model.l1ra_state = L1RAState(
+        config=config, adapter=adapter_name, budget=sum(ranks.values()), layers=layers
+    )
+    peft_model.l1ra_state.history.record(ReallocationEvent(step=0, ranks=ranks))
+    sync_lora_config(peft_model)
+    return peft_model
+
+
+def find_l1ra_model(model: nn.Module) -> PeftModel:
+    """The L1RA `PeftModel` inside wrappers (DDP, Accelerate, torch.compile)."""
+    current = model
+    for _ in range(16):
+        if isinstance(current, L1RAModelMixin):
+            return current
+        inner = current._modules.get("module") or current._modules.get("_orig_mod")
+        if inner is None:
+            break
+        current = inner
+    raise ValueError(
+        f"{type(model).__name__} holds no L1RA adapters; wrap the model with l1ra.get_l1ra_model(model, L1RAConfig(...))."
+    )
+
+
+def gates(model: nn.Module) -> dict[str, nn.Parameter]:
+    """`{module_name: gate}`: the live gate parameters, in module order."""
+    st = find_l1ra_model(model).l1ra_state
+    return {name: layer.l1ra_gate[st.adapter] for name, layer in st.layers}
+
+
+def rank_pattern(model: nn.Module) -> dict[str, int]:
+    """`{module_name: current rank}`."""
+    st = find_l1ra_model(model).l1ra_state
+    return {name: layer.r[st.adapter] for name, layer in st.layers}
+
+
+def rank_history(model: nn.Module) -> RankHistory:
+    return find_l1ra_model(model).l1ra_state.history
+
+
+def set_total_steps(model: nn.Module, total_steps: int) -> None:
+    """Tell L1RA the run's length (needed when `update_every` is a fraction)."""
+    find_l1ra_model(model).l1ra_state.config.total_steps = int(total_steps)
+
+
+def sync_lora_config(peft_model: PeftModel) -> None:
+    """Keep PEFT's own LoraConfig in step with the live ranks: `rank_pattern` per module and an `alpha_pattern` that
+    gives every module the scaling it trains with (`lora_alpha / r_initial`), so PEFT rebuilds the same adapter."""
+    st = peft_model.l1ra_state
+    lora_config = peft_model.peft_config[st.adapter]
+    rank_pat, alpha_pat = {}, {}
+    for name, layer in st.layers:
+        r = layer.r[st.adapter]
+        scaling = layer.scaling[st.adapter]
+        alpha = scaling * (math.sqrt(r) if layer.use_rslora[st.adapter] else r)
+        layer.lora_alpha[st.adapter] = alpha
+        rank_pat[name], alpha_pat[name] = r, alpha
+    lora_config.rank_pattern, lora_config.alpha_pattern = rank_pat, alpha_pat
+
+
+@torch.no_grad()
+def fold_gates_(model: nn.Module) -> None:
+    """A <- diag(clamp(c)) A and c <- 1: same function, gates gone (for merging)."""
+    st = find_l1ra_model(model).l1ra_state
+    for _, layer in st.layers:
+        gate = layer.l1ra_gate[st.adapter]
+        weight = layer.lora_A[st.adapter].weight
+        weight.mul_(gate.clamp(0, 1).to(weight.dtype).unsqueeze(1))
+        gate.fill_(1.0)
+
+
+def create_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    optimizer_cls: type = torch.optim.AdamW,
+    **kwargs,
+) -> torch.optim.Optimizer:
+    """An optimizer with the adapters at `lr` (weight decay on matrices only) and the gates at the config's `eta_c`
+    with no weight decay. Any `torch.optim.Optimizer` class works; `kwargs` go to it."""
+    peft_model = find_l1ra_model(model)
+    groups = param_groups(
+        peft_model, lr, weight_decay, peft_model.l1ra_state.config.eta_c, gates(peft_model).values()
+    )
+    return optimizer_cls(groups, lr=lr, **kwargs)
+
+
+def apply_l1_(model: nn.Module, optimizer) -> None:
+    """Proximal L1 step on every gate, with `tau = (current lr of the gate's param group) * l1ra_lambda`."""
+    peft_model = find_l1ra_model(model)
+    lam = peft_model.l1ra_state.config.l1ra_lambda
+    live = list(gates(peft_model).values())
+    lrs = group_lr_of(optimizer, live)
+    if any(lr is None for lr in lrs):
+        raise ValueError(
+            "the optimizer does not hold the L1RA gates, so they would never train; build it with "
+            "l1ra.create_optimizer(model, lr=...) or add list(l1ra.gates(model).values()) to a param group."
+        )
+    shrink_gates_(live, [float(lr) * lam for lr in lrs])
+
+
+def after_optimizer_step(
+    model: nn.Module, optimizer, *, step: Optional[int] = None, optimizer_step_skipped: Optional[bool] = None
+) -> Optional[ReallocationEvent]:
+    """Call once after every `optimizer.step()` (after the last micro-batch of an accumulation, never between):
+    proximal L1 on the gates, then a reallocation when one is due. Returns the reallocation event, if any.
+
+    `step`: the optimizer step just taken (1-based); default: count calls. `optimizer_step_skipped`: the optimizer
+    skipped this step (e.g. fp16 overflow); default: read Accelerate's `optimizer.step_was_skipped`.
+    """
+    peft_model = find_l1ra_model(model)
+    st = peft_model.l1ra_state
+    st.step = int(step) if step is not None else st.step + 1
+    if optimizer_step_skipped is None:
+        optimizer_step_skipped = bool(getattr(optimizer, "step_was_skipped", False))
+    if not optimizer_step_skipped:
+        apply_l1_(peft_model, optimizer)
+    interval = st.config.update_interval(st.total_steps)
+    if is_reallocation_step(st.step, interval, st.total_steps):
+        return reallocate(model, optimizer)
+    return None
+
+
+def _generator(seed: int, count: int) -> torch.Generator:
+    # Same draws on every process and device: a CPU generator derived from (seed, reallocation count).
+    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + count) % (2**63))
+
+
+@torch.no_grad()
+def reallocate(model: nn.Module, optimizer=None) -> ReallocationEvent:
+    """Prune ranks whose gate reached the threshold and hand them to other adapters, now.
+
+    The model's output does not change (with `prune_threshold=0`), the total rank stays at the budget (with
+    `reassign=True`), and `optimizer` (if given) keeps its state for every surviving rank.
+    """
+    peft_model = find_l1ra_model(model)
+    st = peft_model.l1ra_state
+    cfg = st.config
+    live = list(gates(peft_model).values())
+    flat = torch.cat([g.detach().float() for g in live]).cpu()  # one device sync
+    gate_values = list(torch.split(flat, [g.numel() for g in live]))
+    plans = plan_reallocation(
+        gate_values,
+        prune_threshold=cfg.prune_threshold,
+        min_rank=cfg.min_rank,
+        max_rank=cfg.max_rank,
+        reassign=cfg.reassign,
+        exclude_pruned=cfg.exclude_pruned,
+    )
+    generator = _generator(cfg.seed, st.reallocations)
+    changes, pruned, added = [], {}, {}
+    for (name, layer), plan, old in zip(st.layers, plans, gate_values):
+        rows = new_lora_A_rows(plan.n_new, layer.lora_A[st.adapter].in_features, generator)
+        if plan.n_new == 0 and len(plan.keep) == old.numel():
+            continue
+        changes += resize_adapter(layer, st.adapter, plan, rows)
+        if plan.pruned(old.numel()):
+            pruned[name] = plan.pruned(old.numel())
+        if plan.n_new:
+            added[name] = plan.n_new
+    if optimizer is not None and changes:
+        remap_optimizer(optimizer, changes)
+    st.reallocations += 1
+    sync_lora_config(peft_model)
+    event = ReallocationEvent(step=st.step, ranks=rank_pattern(peft_model), pruned=pruned, added=added)
+    st.history.record(event)
+    return event
