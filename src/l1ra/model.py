@@ -232,12 +232,12 @@ def after_optimizer_step(
     """
     peft_model = find_l1ra_model(model)
     st = peft_model.l1ra_state
-    st.step = int(step) if step is not None else st.step + 1
+    interval = st.config.update_interval(st.total_steps)  # raises before any state changes
     if optimizer_step_skipped is None:
         optimizer_step_skipped = bool(getattr(optimizer, "step_was_skipped", False))
     if not optimizer_step_skipped:
         apply_l1_(peft_model, optimizer)
-    interval = st.config.update_interval(st.total_steps)
+    st.step = int(step) if step is not None else st.step + 1
     if is_reallocation_step(st.step, interval, st.total_steps):
         return reallocate(model, optimizer)
     return None

@@ -1,0 +1,302 @@
+"""The L1RA model on tiny Llama / GPT-2 (Conv1D) / BERT models: one table of cases, many checks."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import l1ra
+from l1ra import L1RAConfig
+from l1ra.model import fold_gates_
+
+from conftest import ARCH_CASES, make_batch, make_model
+
+ARCHS = list(ARCH_CASES)
+
+
+def build(arch, seed=0, **overrides):
+    kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.0, update_every=100, **ARCH_CASES[arch])
+    kwargs.update(overrides)
+    return l1ra.get_l1ra_model(make_model(arch, seed), L1RAConfig(**kwargs))
+
+
+def logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def train_steps(model, batch, n, optimizer=None, hook=True):
+    optimizer = optimizer or l1ra.create_optimizer(model, lr=5e-2)
+    model.train()
+    for _ in range(n):
+        model(**batch).loss.backward()
+        optimizer.step()
+        if hook:
+            l1ra.after_optimizer_step(model, optimizer)
+        optimizer.zero_grad()
+    return optimizer
+
+
+def kill_gates(model, fraction=0.5, seed=0):
+    """Set a random subset of gates to exactly 0 (what the proximal step produces)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in l1ra.gates(model).values():
+            gate.masked_fill_(torch.rand(gate.shape, generator=g) < fraction, 0.0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_equals_base_at_init(arch):
+    batch = make_batch(arch)
+    expected = logits(make_model(arch), batch)
+    model = build(arch)
+    assert isinstance(model, __import__("peft").PeftModel)
+    assert torch.equal(logits(model, batch), expected)
+    assert all(torch.equal(g, torch.ones_like(g)) for g in l1ra.gates(model).values())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gates_scale_the_adapter_output(arch):
+    """delta = B diag(c) A x * scaling: zero gates switch the adapter off, gates 1 are plain LoRA."""
+    model = build(arch)
+    train_steps(model, make_batch(arch), 2, hook=False)  # B != 0
+    batch = make_batch(arch)
+    no_lora = copy.deepcopy(model)  # same trained head (BERT's classifier is in modules_to_save), B = 0
+    with torch.no_grad():
+        for name, p in no_lora.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    base = logits(no_lora, batch)
+    assert not torch.allclose(logits(model, batch), base)
+    with torch.no_grad():
+        for gate in l1ra.gates(model).values():
+            gate.zero_()
+    torch.testing.assert_close(logits(model, batch), base, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reallocation_keeps_budget_and_output(arch):
+    model = build(arch)
+    batch = make_batch(arch)
+    opt = train_steps(model, batch, 3, hook=False)
+    kill_gates(model)
+    budget = sum(l1ra.rank_pattern(model).values())
+    before = logits(model, batch)
+    event = l1ra.reallocate(model, opt)
+    after = logits(model, batch)
+    assert sum(l1ra.rank_pattern(model).values()) == budget == model.l1ra_state.budget
+    assert event.moved > 0 and sum(event.pruned.values()) == event.moved
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+    # The live PEFT config follows the ranks, so PEFT would rebuild the same shapes.
+    cfg = model.peft_config["default"]
+    assert cfg.rank_pattern == l1ra.rank_pattern(model)
+    train_steps(model, batch, 2, opt)  # and training goes on with the resized optimizer
+
+
+def test_budget_invariant_holds_along_a_training_run_with_random_gate_kills():
+    model = build("llama", update_every=2, l1ra_lambda=0.0)
+    batch = make_batch("llama")
+    opt = l1ra.create_optimizer(model, lr=1e-2)
+    budget = model.l1ra_state.budget
+    for step in range(12):
+        model(**batch).loss.backward()
+        opt.step()
+        kill_gates(model, fraction=0.3, seed=step)
+        event = l1ra.after_optimizer_step(model, opt)
+        opt.zero_grad()
+        assert sum(l1ra.rank_pattern(model).values()) == budget
+        assert all(r >= 1 for r in l1ra.rank_pattern(model).values())
+        assert (event is not None) == (step % 2 == 1)
+    assert len(l1ra.rank_history(model).events) == 1 + 6
+
+
+def test_optimizer_state_is_kept_for_surviving_ranks_and_zero_for_new_ones():
+    model = build("llama")
+    batch = make_batch("llama")
+    opt = train_steps(model, batch, 3, hook=False)
+    name = next(iter(l1ra.gates(model)))
+    layer = dict(model.l1ra_state.layers)[name]
+    with torch.no_grad():
+        l1ra.gates(model)[name][1] = 0.0  # prune rank 1 of the first adapter
+    old_a, old_b, old_g = layer.lora_A["default"].weight, layer.lora_B["default"].weight, l1ra.gates(model)[name]
+    old_state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in (old_a, old_b, old_g)}
+    l1ra.reallocate(model, opt)
+    new_a, new_b, new_g = layer.lora_A["default"].weight, layer.lora_B["default"].weight, l1ra.gates(model)[name]
+    assert new_a.shape[0] == 3  # first adapter lost one rank (it was pruned, so it receives none)
+    kept = torch.tensor([0, 2, 3])
+    for old, new, dim in ((old_a, new_a, 0), (old_b, new_b, 1), (old_g, new_g, 0)):
+        assert old not in opt.state and new in opt.state
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[new][key], old_state[old][key].index_select(dim, kept))
+        assert torch.equal(opt.state[new]["step"], old_state[old]["step"])
+    # A receiver got new ranks whose moments start at zero.
+    receiver = next(n for n, r in l1ra.rank_pattern(model).items() if r > 4)
+    recv_a = dict(model.l1ra_state.layers)[receiver].lora_A["default"].weight
+    assert torch.equal(opt.state[recv_a]["exp_avg"][4:], torch.zeros_like(recv_a[4:]))
+    # Every parameter is in the optimizer exactly once, and step tensors are never shared.
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for p in model.parameters() if p.requires_grad)
+    steps = [id(s["step"]) for s in opt.state.values()]
+    assert len(steps) == len(set(steps))
+    train_steps(model, batch, 1, opt)
+
+
+@pytest.mark.parametrize(
+    "optimizer_cls,kwargs",
+    [(torch.optim.SGD, dict(momentum=0.9)), (torch.optim.Adam, {}), (torch.optim.Adafactor, {}), (torch.optim.Adagrad, {})],
+)
+def test_any_torch_optimizer_trains_and_survives_reallocation(optimizer_cls, kwargs):
+    model = build("llama", update_every=2, l1ra_lambda=0.0)
+    batch = make_batch("llama")
+    opt = l1ra.create_optimizer(model, lr=1e-2, optimizer_cls=optimizer_cls, **kwargs)
+    for step in range(4):
+        model(**batch).loss.backward()
+        opt.step()
+        kill_gates(model, 0.3, seed=step)
+        with pytest.warns(UserWarning, match="cannot slice") if (optimizer_cls is torch.optim.Adafactor and step % 2) else _nothing():
+            l1ra.after_optimizer_step(model, opt)
+        opt.zero_grad()
+    assert sum(l1ra.rank_pattern(model).values()) == model.l1ra_state.budget
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_proximal_step_is_soft_threshold_then_box_with_the_gate_group_lr():
+    model = build("llama", l1ra_lambda=0.5, eta_c=0.1)
+    opt = l1ra.create_optimizer(model, lr=1e-3)
+    with torch.no_grad():
+        values = torch.tensor([1.0, 0.5, 0.03, 0.0])
+        for gate in l1ra.gates(model).values():
+            gate.copy_(values)
+    l1ra.after_optimizer_step(model, opt)  # no grads were taken: only the L1 step acts
+    for gate in l1ra.gates(model).values():
+        torch.testing.assert_close(gate.detach(), torch.tensor([0.95, 0.45, 0.0, 0.0]))
+    # The gate group follows the schedule: tau uses its current lr; a skipped step does nothing.
+    for group in opt.param_groups:
+        if group["name"] == "l1ra_gates":
+            group["lr"] = 0.02
+    l1ra.after_optimizer_step(model, opt)
+    l1ra.after_optimizer_step(model, opt, optimizer_step_skipped=True)
+    gate = next(iter(l1ra.gates(model).values()))
+    torch.testing.assert_close(gate.detach(), torch.tensor([0.94, 0.44, 0.0, 0.0]))
+    assert model.l1ra_state.step == 3
+
+
+def test_optimizer_groups_give_gates_eta_c_and_no_weight_decay():
+    model = build("bert", eta_c=0.03)
+    opt = l1ra.create_optimizer(model, lr=1e-4, weight_decay=0.1)
+    groups = {g["name"]: g for g in opt.param_groups}
+    gate_ids = {id(g) for g in l1ra.gates(model).values()}
+    assert {id(p) for p in groups["l1ra_gates"]["params"]} == gate_ids
+    assert groups["l1ra_gates"]["lr"] == 0.03 and groups["l1ra_gates"]["weight_decay"] == 0.0
+    assert groups["l1ra_adapters"]["lr"] == 1e-4 and groups["l1ra_adapters"]["weight_decay"] == 0.1
+    # the classifier head (modules_to_save) trains too, its bias without decay
+    assert groups["l1ra_adapters_no_decay"]["weight_decay"] == 0.0
+
+
+def test_a_user_optimizer_without_the_gates_is_refused():
+    model = build("llama")
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=1e-3)
+    with pytest.raises(ValueError, match="create_optimizer"):
+        l1ra.after_optimizer_step(model, opt)
+
+
+def test_same_seed_same_decisions_and_new_rows():
+    runs = []
+    for _ in range(2):
+        model = build("llama", update_every=2, l1ra_lambda=5.0, eta_c=0.1, seed=7)
+        train_steps(model, make_batch("llama"), 6)
+        runs.append((l1ra.rank_history(model).to_json(), {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}))
+    assert runs[0][0] == runs[1][0]
+    assert any(e["added"] for e in runs[0][0]), "the strong L1 must have moved rank"
+    for key in runs[0][1]:
+        assert torch.equal(runs[0][1][key], runs[1][1][key])
+
+
+def test_the_wrapped_model_is_unwrapped():
+    class Wrapper(nn.Module):  # what DDP / Accelerate do: the model sits in `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = build("llama")
+    wrapped = Wrapper(model)
+    assert l1ra.find_l1ra_model(wrapped) is model
+    opt = l1ra.create_optimizer(wrapped, lr=1e-3)
+    l1ra.after_optimizer_step(wrapped, opt)
+    with pytest.raises(ValueError, match="get_l1ra_model"):
+        l1ra.gates(make_model("llama"))
+
+
+def test_merge_and_unload_and_merge_adapter_keep_the_function():
+    model = build("gpt2")
+    batch = make_batch("gpt2")
+    train_steps(model, batch, 3, hook=False)
+    kill_gates(model, 0.3)
+    expected = logits(model, batch)
+    raw_a = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_A" in k or "l1ra_gate" in k}
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
+    model.unmerge_adapter()
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
+    for k, v in model.state_dict().items():
+        if k in raw_a:
+            assert torch.equal(v, raw_a[k]), f"{k} restored after unmerge"
+    merged = model.merge_and_unload()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-5, rtol=0)
+
+
+def test_deepcopy_gives_an_independent_working_model():
+    model = build("llama")
+    train_steps(model, make_batch("llama"), 2, hook=False)
+    clone = copy.deepcopy(model)
+    batch = make_batch("llama")
+    torch.testing.assert_close(logits(clone, batch), logits(model, batch))
+    fold_gates_(clone)
+    for gate in l1ra.gates(clone).values():
+        with torch.no_grad():
+            gate.zero_()
+    base = logits(make_model("llama"), batch)
+    torch.testing.assert_close(logits(clone, batch), base, atol=1e-6, rtol=0)  # the clone's hooks read the clone
+    assert not torch.allclose(logits(model, batch), base)
+
+
+def test_non_linear_targets_are_refused_and_the_model_is_given_back():
+    base = make_model("llama")
+    names_before = [n for n, _ in base.named_modules()]
+    with pytest.raises(ValueError, match="embed_tokens"):
+        l1ra.get_l1ra_model(base, L1RAConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    assert [n for n, _ in base.named_modules()] == names_before
+
+
+def test_target_modules_that_match_nothing_are_a_clear_error():
+    with pytest.raises(ValueError, match="not found|did not match|no_such"):
+        l1ra.get_l1ra_model(make_model("llama"), L1RAConfig(r=2, target_modules=["no_such_module"]))
+
+
+def test_rank_pattern_and_alpha_pattern_config_is_respected():
+    model = build("llama", rank_pattern={"model.layers.0.self_attn.q_proj": 6}, alpha_pattern={"model.layers.0.self_attn.q_proj": 3})
+    ranks = l1ra.rank_pattern(model)
+    assert ranks["model.layers.0.self_attn.q_proj"] == 6 and ranks["model.layers.1.self_attn.q_proj"] == 4
+    assert model.l1ra_state.budget == sum(ranks.values())
+    layer = dict(model.l1ra_state.layers)["model.layers.0.self_attn.q_proj"]
+    assert layer.scaling["default"] == pytest.approx(3 / 6)
+
+
+def test_total_steps_needed_for_fractional_update_every():
+    model = build("llama", update_every=0.25)
+    opt = l1ra.create_optimizer(model, lr=1e-3)
+    with pytest.raises(ValueError, match="total_steps"):
+        l1ra.after_optimizer_step(model, opt)
+    l1ra.set_total_steps(model, 8)
+    events = [l1ra.after_optimizer_step(model, opt) for _ in range(8)]
+    assert [i + 2 for i, e in enumerate(events[1:]) if e is not None] == [2, 4, 6]  # not at the last step
