@@ -6,7 +6,8 @@ import warnings
 
 from transformers import TrainerCallback
 
-from .model import after_optimizer_step, find_l1ra_model, gates
+from . import distributed
+from .model import adopt_loaded_params, after_optimizer_step, find_l1ra_model, gates
 from .optim import group_lr_of, unwrap_optimizer
 
 
@@ -23,8 +24,11 @@ class L1RACallback(TrainerCallback):
         self.events = []
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        distributed.check_not_sharded(model, optimizer, args)  # FSDP / DeepSpeed: refuse before anything else
         peft_model = find_l1ra_model(model)
         peft_model.l1ra_state.config.total_steps = state.max_steps
+        # On resume, load_adapter replaced parameters whose ranks moved after the optimizer was built.
+        adopt_loaded_params(peft_model, optimizer)
         opt = unwrap_optimizer(optimizer)
         live = list(gates(peft_model).values())
         lrs = group_lr_of(opt, live)

@@ -9,10 +9,12 @@ matching `alpha_pattern`) that any LoRA loader reads, plus two files that only r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -107,7 +109,10 @@ def save_l1ra(peft_model, save_directory, *, super_save, is_main_process: bool =
         super_save(str(tmp), is_main_process=True, **kwargs)
         out_dir = tmp if st.adapter == "default" else tmp / st.adapter
         save_file(state_tensors(peft_model), str(out_dir / STATE_TENSORS), metadata={"format": "pt"})
-        (out_dir / STATE_JSON).write_text(json.dumps(state_json(peft_model), indent=1))
+        meta = state_json(peft_model)
+        # Checksums of the tensor files, checked on load: catches bit rot and a directory that mixes two saves.
+        meta["sha256"] = {n: _sha256(out_dir / n) for n in (ADAPTER_WEIGHTS, STATE_TENSORS) if (out_dir / n).is_file()}
+        (out_dir / STATE_JSON).write_text(json.dumps(meta, indent=1))
         final_dir = target if st.adapter == "default" else target / st.adapter
         final_dir.mkdir(parents=True, exist_ok=True)
         # The resume JSON goes last: its presence marks a complete save.
@@ -116,6 +121,36 @@ def save_l1ra(peft_model, save_directory, *, super_save, is_main_process: bool =
             os.replace(path, final_dir / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_meta(meta: dict, state_path: Path, directory: Path) -> None:
+    """Validate the resume fields of `l1ra_state.json` and the checksums of the files it vouches for."""
+    for name in ("step", "reallocations"):
+        value = meta.get(name, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{state_path}: {name}={value!r} is not a step count; the file is corrupted")
+    try:
+        RankHistory.from_json(meta.get("history", []))
+    except (TypeError, AttributeError) as err:
+        raise CheckpointError(f"{state_path}: unreadable rank history ({err}); the file is corrupted") from None
+    sums = meta.get("sha256", {})
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{state_path}: 'sha256' is not a table; the file is corrupted")
+    for name, expected in sums.items():
+        path = directory / name
+        if path.is_file() and _sha256(path) != expected:
+            raise CheckpointError(
+                f"{path}: checksum does not match the one recorded in {state_path.name}; the file is corrupted or "
+                "comes from another save"
+            )
 
 
 class CheckpointError(ValueError):
@@ -140,6 +175,10 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable or corrupted safetensors ({err})") from None
 
 
+def _adapter_params(layer, adapter: str) -> tuple:
+    return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.l1ra_gate[adapter]
+
+
 @torch.no_grad()
 def load_into(peft_model, directory) -> None:
     """Load an L1RA checkpoint (or a plain PEFT LoRA adapter) into `peft_model`, resizing its adapters first.
@@ -162,9 +201,10 @@ def load_into(peft_model, directory) -> None:
     resume = state_path.exists()
     if resume:
         meta = _read_json(state_path)
-        ranks = meta.get("ranks")
+        ranks = meta.get("ranks") if isinstance(meta, dict) else None
         if not isinstance(ranks, dict):
             raise CheckpointError(f"{state_path}: no 'ranks' table; the file is corrupted")
+        _check_meta(meta, state_path, directory)
     else:
         lora_cfg = _read_json(directory / ADAPTER_CONFIG)
         if lora_cfg.get("peft_type") != "LORA":
@@ -205,7 +245,11 @@ def load_into(peft_model, directory) -> None:
             if raw_a is None or gate is None or raw_a.shape != a.shape or gate.shape != (r,):
                 raise CheckpointError(f"{directory / STATE_TENSORS}: raw weights of {name} do not match rank {r}")
     for name, layer in st.layers:
+        before = _adapter_params(layer, st.adapter)
         set_adapter_rank(layer, st.adapter, ranks[name])
+        for old, new in zip(before, _adapter_params(layer, st.adapter)):
+            if old is not new:  # an optimizer built before this load must follow (see model.adopt_loaded_params)
+                st.replaced[id(old)] = (weakref.ref(old), new)
     sync_lora_config(peft_model)
     result = set_peft_model_state_dict(peft_model, weights, adapter_name=st.adapter)
     for name, layer in st.layers:

@@ -13,6 +13,7 @@ import peft
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
+from . import distributed
 from .allocator import is_reallocation_step, plan_reallocation
 from .config import L1RAConfig
 from .gates import attach_gate, gated_layers, shrink_gates_
@@ -32,6 +33,9 @@ class L1RAState:
     reallocations: int = 0
     history: RankHistory = field(default_factory=RankHistory)
     layers: list[tuple[str, LoraLayer]] = field(default_factory=list, repr=False)  # cached gated_layers()
+    # Parameters replaced when a checkpoint was loaded (old -> new), for an optimizer built before the load.
+    replaced: dict = field(default_factory=dict, repr=False)
+    setup_checked: bool = field(default=False, repr=False)
 
     @property
     def total_steps(self) -> Optional[int]:
@@ -126,6 +130,7 @@ def get_l1ra_model(
     )
     peft_model.l1ra_state.history.record(ReallocationEvent(step=0, ranks=ranks))
     sync_lora_config(peft_model)
+    distributed.watch(peft_model)  # finds a DDP wrapper that runs the model, to rebuild it after reallocations
     return peft_model
 
 
@@ -207,6 +212,46 @@ def create_optimizer(
     return optimizer_cls(groups, lr=lr, **kwargs)
 
 
+def adopt_loaded_params(model: nn.Module, optimizer, *, strict: bool = False) -> int:
+    """Point an optimizer built before a checkpoint was loaded at the parameters the load created.
+
+    Loading a checkpoint whose ranks moved replaces LoRA parameters, but `Trainer(resume_from_checkpoint=...)` uses the
+    optimizer the user built beforehand (and loads its saved state by position, in the checkpoint's shapes). The
+    L1RACallback calls this at train begin: each stale parameter is swapped for its replacement and keeps the loaded
+    state when the shapes agree. `strict`: raise instead (an optimizer step already went to the stale parameters).
+    """
+    from .optim import unwrap_optimizer
+
+    st = find_l1ra_model(model).l1ra_state
+    if not st.replaced or optimizer is None:
+        return 0
+    opt = unwrap_optimizer(optimizer)
+    swapped = 0
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            entry = st.replaced.get(id(p))
+            if entry is None or entry[0]() is not p:
+                continue
+            if strict:
+                raise ValueError(
+                    "the optimizer holds L1RA parameters that loading a checkpoint replaced (their ranks moved), so "
+                    "it trains tensors the model no longer uses; build the optimizer after loading the checkpoint "
+                    "(l1ra.create_optimizer(model, lr=...))."
+                )
+            new = entry[1]
+            group["params"][i] = new
+            state = opt.state.pop(p, None)
+            if state:
+                shapes_ok = all(
+                    v.shape == new.shape for v in state.values() if isinstance(v, torch.Tensor) and v.ndim > 0
+                )
+                if shapes_ok:
+                    opt.state[new] = state
+            swapped += 1
+    st.replaced.clear()
+    return swapped
+
+
 def apply_l1_(model: nn.Module, optimizer) -> None:
     """Proximal L1 step on every gate, with `tau = (current lr of the gate's param group) * l1ra_lambda`."""
     peft_model = find_l1ra_model(model)
@@ -233,6 +278,10 @@ def after_optimizer_step(
     peft_model = find_l1ra_model(model)
     st = peft_model.l1ra_state
     interval = st.config.update_interval(st.total_steps)  # raises before any state changes
+    if not st.setup_checked:
+        distributed.check_not_sharded(model, optimizer)
+        adopt_loaded_params(peft_model, optimizer, strict=True)
+        st.setup_checked = True
     if optimizer_step_skipped is None:
         optimizer_step_skipped = bool(getattr(optimizer, "step_was_skipped", False))
     if not optimizer_step_skipped:
@@ -258,8 +307,12 @@ def reallocate(model: nn.Module, optimizer=None) -> ReallocationEvent:
     peft_model = find_l1ra_model(model)
     st = peft_model.l1ra_state
     cfg = st.config
+    distributed.check_not_sharded(model, optimizer)
+    ddp = distributed.ddp_wrapper(model, peft_model)
     live = list(gates(peft_model).values())
     flat = torch.cat([g.detach().float() for g in live]).cpu()  # one device sync
+    if ddp is not None:  # every process plans from rank 0's gates (identical anyway: DDP averages gradients)
+        flat = distributed.agree_on_gates(live, flat, ddp)
     gate_values = list(torch.split(flat, [g.numel() for g in live]))
     plans = plan_reallocation(
         gate_values,
@@ -282,6 +335,8 @@ def reallocate(model: nn.Module, optimizer=None) -> ReallocationEvent:
             added[name] = plan.n_new
     if optimizer is not None and changes:
         remap_optimizer(optimizer, changes)
+    if ddp is not None and changes:
+        distributed.rebuild_ddp(ddp)  # the wrapper must reduce the new parameters
     st.reallocations += 1
     sync_lora_config(peft_model)
     event = ReallocationEvent(step=st.step, ranks=rank_pattern(peft_model), pruned=pruned, added=added)
