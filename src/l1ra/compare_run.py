@@ -1,0 +1,348 @@
+"""One training run of one method for `l1ra compare`: the same loop, data order, schedule and optimizer settings for
+every method; only the adapter and its per-step hook differ.
+
+Methods (all at the same rank budget `r` per targeted module):
+  lora        PEFT LoRA, rank r everywhere.
+  adalora     PEFT AdaLoRA, init_r = 1.5 r, target_r = r, tinit/tfinal at 10%/20% of the steps,
+              `update_and_allocate(step)` after every optimizer step and before zero_grad (PEFT's documented loop).
+  l1ra        L1RA (this library): gates, proximal L1, fixed-budget reallocation (`after_optimizer_step`).
+  l1ra_prune  L1RA with reassign=False: prune only (the SoRA-like ablation).
+  dora        PEFT DoRA (LoraConfig(use_dora=True)), optional.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+METHODS = ("lora", "adalora", "l1ra", "l1ra_prune", "dora")
+DEFAULT_METHODS = ("lora", "adalora", "l1ra", "l1ra_prune")
+
+
+@dataclass
+class RunSpec:
+    """Everything one run needs; plain values so it can travel to a worker process as JSON."""
+
+    task: str
+    method: str
+    seed: int
+    steps: int
+    batch_size: int
+    lr: float
+    max_length: int
+    eval_limit: Optional[int] = None
+    rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    threads: int = 2
+    # L1RA: None keeps the library's L1RAConfig default
+    l1ra_lambda: Optional[float] = None
+    eta_c: Optional[float] = None
+    update_every: Optional[float] = None
+    prune_threshold: Optional[float] = None
+    # AdaLoRA
+    adalora_init_ratio: float = 1.5
+    adalora_tinit: float = 0.1
+    adalora_tfinal: float = 0.2
+    adalora_delta_t: int = 1
+    adalora_orth_reg_weight: float = 0.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MiB (Linux /proc; psutil elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # pragma: no cover - non-Linux
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far in MiB (`getrusage`: only grows, per process)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if os.uname().sysname == "Darwin" else peak / 1024
+
+
+def module_type(name: str) -> str:
+    """'bert.encoder.layer.3.attention.self.query' -> 'attention.self.query'; 'model.layers.0.mlp.up_proj' ->
+    'mlp.up_proj': the path after the layer index, which tells apart BERT's three `dense` layers."""
+    parts = name.split(".")
+    idx = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[idx[-1] + 1 :]) if idx else parts[-1]
+
+
+def lr_lambda(steps: int, warmup_ratio: float):
+    """Linear warm-up over `warmup_ratio` of the steps, then cosine decay to 0: the schedule of every method."""
+    warmup = max(1, round(warmup_ratio * steps)) if warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:  # step: optimizer steps taken so far
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def adapter_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list:
+    """The grouping L1RA's `create_optimizer` uses for the adapter weights (matrices decay, vectors do not), for the
+    PEFT methods; AdaLoRA's singular values `lora_E` (an (r, 1) column) count as vectors, like L1RA's gates."""
+    decay, no_decay = [], []
+    e_ids = _adalora_e_ids(model)
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in e_ids else no_decay).append(p)
+    groups = [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _adalora_e_ids(model: nn.Module) -> set:
+    from peft.tuners.adalora import AdaLoraLayer
+
+    ids = set()
+    for m in model.modules():
+        if isinstance(m, AdaLoraLayer):
+            ids |= {id(p) for p in m.lora_E.values()}
+    return ids
+
+
+def wrap_model(method: str, model: nn.Module, task, spec: RunSpec):
+    """PEFT/L1RA model, optimizer and the per-step hook `after_step(step)` for `method`."""
+    import peft
+
+    from . import model as l1ra_model
+    from .config import L1RAConfig
+
+    common = dict(
+        r=spec.rank,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=task.target_modules,
+        task_type=task.task_type,
+    )
+    after_step = lambda step, opt: None  # noqa: E731
+    if method in ("lora", "dora"):
+        pm = peft.get_peft_model(model, peft.LoraConfig(use_dora=method == "dora", **common))
+        opt = torch.optim.AdamW(adapter_param_groups(pm, spec.lr, spec.weight_decay), lr=spec.lr)
+    elif method == "adalora":
+        init_r = max(spec.rank, round(spec.adalora_init_ratio * spec.rank))
+        tinit = round(spec.adalora_tinit * spec.steps)
+        tfinal = round(spec.adalora_tfinal * spec.steps)
+        if tinit >= spec.steps - tfinal:  # very short runs: keep a budgeting phase of at least one step
+            tinit, tfinal = 0, max(0, min(tfinal, spec.steps - 1))
+        cfg = peft.AdaLoraConfig(
+            init_r=init_r,
+            target_r=spec.rank,
+            tinit=tinit,
+            tfinal=tfinal,
+            deltaT=spec.adalora_delta_t,
+            total_step=spec.steps,
+            orth_reg_weight=spec.adalora_orth_reg_weight,
+            **{k: v for k, v in common.items() if k != "r"},
+        )
+        pm = peft.get_peft_model(model, cfg)
+        opt = torch.optim.AdamW(adapter_param_groups(pm, spec.lr, spec.weight_decay), lr=spec.lr)
+
+        def after_step(step, opt):  # after optimizer.step(), before zero_grad(): the gradients are still there
+            pm.base_model.update_and_allocate(step)
+
+    elif method in ("l1ra", "l1ra_prune"):
+        extra = {
+            k: getattr(spec, k)
+            for k in ("l1ra_lambda", "eta_c", "update_every", "prune_threshold")
+            if getattr(spec, k) is not None
+        }
+        if "update_every" in extra and float(extra["update_every"]).is_integer() and extra["update_every"] >= 1:
+            extra["update_every"] = int(extra["update_every"])
+        cfg = L1RAConfig(**common, reassign=method == "l1ra", seed=spec.seed, total_steps=spec.steps, **extra)
+        pm = l1ra_model.get_l1ra_model(model, cfg)
+        opt = l1ra_model.create_optimizer(pm, lr=spec.lr, weight_decay=spec.weight_decay)
+
+        def after_step(step, opt):
+            l1ra_model.after_optimizer_step(pm, opt, step=step)
+
+    else:
+        raise ValueError(f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return pm, opt, after_step
+
+
+def trainable_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def final_ranks(method: str, pm: nn.Module) -> tuple[dict, dict, int]:
+    """({module: allocated rank}, {module: effective rank}, effective trainable parameters).
+
+    Allocated: the rank the tensors have. Effective: ranks that still act on the output (AdaLoRA: non-zero singular
+    values `lora_E` after its masking; L1RA: gates above zero; LoRA: all). Effective parameters subtract the
+    A row, B column (and E entry / gate) of every inactive rank from the trainable count.
+    """
+    from peft.tuners.adalora import AdaLoraLayer
+    from peft.tuners.lora import LoraLayer
+
+    allocated, effective = {}, {}
+    inactive_params = 0
+    root = pm.base_model.model
+    for name, m in root.named_modules():
+        if not isinstance(m, LoraLayer) or "default" not in m.lora_A:
+            continue
+        a, b = m.lora_A["default"], m.lora_B["default"]
+        if isinstance(m, AdaLoraLayer):
+            e = m.lora_E["default"].detach().flatten()
+            r_alloc, r_eff = e.numel(), int((e != 0).sum())
+            in_f, out_f = a.shape[1], b.shape[0]
+            per_rank = in_f + out_f + 1
+        else:
+            r_alloc = m.r["default"]
+            gate = getattr(m, "l1ra_gate", {}).get("default") if hasattr(m, "l1ra_gate") else None
+            r_eff = int((gate.detach().clamp(0, 1) > 0).sum()) if gate is not None else r_alloc
+            per_rank = a.weight.shape[1] + b.weight.shape[0] + (1 if gate is not None else 0)
+        allocated[name], effective[name] = r_alloc, r_eff
+        inactive_params += (r_alloc - r_eff) * per_rank
+    return allocated, effective, trainable_params(pm) - inactive_params
+
+
+def by_module_type(ranks: dict) -> dict:
+    """{module type: mean rank} over layers."""
+    groups: dict[str, list] = {}
+    for name, r in ranks.items():
+        groups.setdefault(module_type(name), []).append(r)
+    return {t: sum(v) / len(v) for t, v in groups.items()}
+
+
+def run_one(spec: RunSpec, task=None) -> dict:
+    """Train `spec.method` on `spec.task` for `spec.steps` optimizer steps and measure it. Returns a JSON-able dict.
+
+    Peak memory is this process's `ru_maxrss`, read right after training (before evaluation): honest only when the
+    process ran nothing heavier before, which is why `l1ra compare` gives every run its own process by default.
+    """
+    from .compare_tasks import build_task
+
+    torch.set_num_threads(spec.threads)
+    if task is None:
+        task = build_task(spec.task, spec.max_length, spec.eval_limit)
+    batches = task.train_batches(spec.seed, spec.steps, spec.batch_size)
+    base = task.load_model()
+    torch.manual_seed(spec.seed)  # adapter init and dropout: same stream for every method of this seed
+    pm, opt, after_step = wrap_model(spec.method, base, task, spec)
+    pm.train()
+    params_start = trainable_params(pm)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec.steps, spec.warmup_ratio))
+    rss_before = rss_mb()
+    losses, step_times = [], []
+    autocast = task.bf16_autocast
+    t_train = time.perf_counter()
+    for step, batch in enumerate(batches, start=1):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = pm(**batch).loss
+        loss.backward()
+        if spec.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], spec.max_grad_norm)
+        opt.step()
+        after_step(step, opt)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
+    train_s = time.perf_counter() - t_train
+    peak = peak_rss_mb()
+    t_eval = time.perf_counter()
+    metrics = task.evaluate(pm)
+    eval_s = time.perf_counter() - t_eval
+    allocated, effective, eff_params = final_ranks(spec.method, pm)
+    result = {
+        "task": spec.task,
+        "method": spec.method,
+        "seed": spec.seed,
+        "score_name": task.score_name,
+        "higher_is_better": task.higher_is_better,
+        "score": float(metrics[task.score_name]),
+        "metrics": metrics,
+        "train_wall_s": train_s,
+        "eval_wall_s": eval_s,
+        "step_time_median_s": statistics.median(step_times),
+        "step_time_mean_s": statistics.fmean(step_times),
+        "step_times_s": step_times,
+        "peak_rss_mb": peak,
+        "rss_before_train_mb": rss_before,
+        "train_rss_growth_mb": peak - rss_before,
+        "trainable_params_start": params_start,
+        "trainable_params_end": trainable_params(pm),
+        "effective_params_end": eff_params,
+        "ranks_allocated": allocated,
+        "ranks_effective": effective,
+        "rank_by_type": by_module_type(effective),
+        "total_rank_effective": sum(effective.values()),
+        "train_losses": losses,
+        "spec": spec.to_dict(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if spec.method in ("l1ra", "l1ra_prune"):
+        from .model import find_l1ra_model
+
+        st = find_l1ra_model(pm).l1ra_state
+        events = st.history.events if hasattr(st.history, "events") else []
+        result["l1ra"] = {
+            "config": {k: (v if isinstance(v, (int, float, bool, str, type(None))) else str(v))
+                       for k, v in st.config.l1ra_dict().items()},
+            "reallocations": st.reallocations,
+            "ranks_pruned": sum(sum(e.pruned.values()) for e in events),
+            "ranks_added": sum(sum(e.added.values()) for e in events),
+            "gate_quantiles": _gate_quantiles(pm),
+        }
+    if spec.method == "adalora":
+        cfg = pm.peft_config["default"]
+        result["adalora"] = {"init_r": cfg.init_r, "target_r": cfg.target_r, "tinit": cfg.tinit,
+                             "tfinal": cfg.tfinal, "deltaT": cfg.deltaT, "total_step": cfg.total_step}
+    return result
+
+
+def _gate_quantiles(pm) -> dict:
+    from .model import gates
+
+    flat = torch.cat([g.detach().float().clamp(0, 1).flatten() for g in gates(pm).values()])
+    qs = torch.quantile(flat, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]))
+    return {"min": float(qs[0]), "p10": float(qs[1]), "median": float(qs[2]), "p90": float(qs[3]),
+            "max": float(qs[4]), "zero_fraction": float((flat == 0).float().mean())}
+
+
+def _worker_main(argv: list) -> int:
+    """`python -m l1ra.compare_run SPEC.json OUT.json`: one run in a fresh process (so its peak RSS is its own)."""
+    import json
+
+    spec_path, out_path = argv
+    with open(spec_path) as f:
+        spec = RunSpec(**json.load(f))
+    result = run_one(spec)
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, out_path)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_worker_main(sys.argv[1:]))

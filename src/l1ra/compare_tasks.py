@@ -1,0 +1,269 @@
+"""Tasks for `l1ra compare`: a fresh base model, the training batches in a fixed order, and the scorer.
+
+Every task is offline: models and data come from the PyPI packages located by `l1ra.assets`, prepared by
+`l1ra.data`. A task is built once per run (inside the run's own process), so nothing leaks between methods.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Task:
+    name: str
+    score_name: str  # key of the headline score in `evaluate`'s result
+    higher_is_better: bool
+    task_type: str  # PEFT TaskType name
+    target_modules: object  # list of names or "all-linear"
+    load_model: Callable[[], nn.Module]  # a fresh base model, same weights every call
+    train_batches: Callable[[int, int, int], list]  # (seed, steps, batch_size) -> one batch dict per step
+    evaluate: Callable[[nn.Module], dict]  # -> {score_name: float, ...}
+    bf16_autocast: bool = False
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    steps: int
+    batch_size: int
+    lr: float
+    seeds: int
+    max_length: int
+    eval_limit: Optional[int]  # None: the whole evaluation split
+
+
+# Full runs and `--quick` smoke runs per task. Full: the figures in the README; quick: under 15 minutes on 2 cores.
+DEFAULTS = {
+    "sentiment": {
+        "full": TaskDefaults(steps=300, batch_size=32, lr=1e-3, seeds=3, max_length=64, eval_limit=None),
+        "quick": TaskDefaults(steps=60, batch_size=16, lr=1e-3, seeds=1, max_length=64, eval_limit=None),
+    },
+    "gsm8k": {
+        "full": TaskDefaults(steps=100, batch_size=8, lr=2e-4, seeds=3, max_length=256, eval_limit=None),
+        "quick": TaskDefaults(steps=12, batch_size=4, lr=2e-4, seeds=1, max_length=160, eval_limit=48),
+    },
+    "tiny": {  # random tiny Llama on synthetic data: exercises the whole pipeline in seconds (tests, smoke)
+        "full": TaskDefaults(steps=20, batch_size=4, lr=5e-3, seeds=2, max_length=16, eval_limit=None),
+        "quick": TaskDefaults(steps=10, batch_size=4, lr=5e-3, seeds=1, max_length=16, eval_limit=None),
+    },
+}
+
+
+def _shuffled_batches(examples: list, seed: int, steps: int, batch_size: int, collate) -> list:
+    """`steps` batches drawn epoch by epoch from `examples` in an order fixed by `seed` (same for every method)."""
+    if not examples:
+        raise ValueError("the training set is empty")
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        epoch = list(range(len(examples)))
+        rng.shuffle(epoch)
+        order += epoch
+    return [collate([examples[i] for i in order[s * batch_size : (s + 1) * batch_size]]) for s in range(steps)]
+
+
+# ---------------------------------------------------------------------------------------------------- sentiment
+
+
+def sentiment_task(max_length: int = 64, eval_limit: Optional[int] = None) -> Task:
+    """MiniLM (BERT, 22.7M) + a 2-way classification head, trained on Rotten Tomatoes snippets (SST-2 overlaps
+    removed), scored by accuracy on the SST-2 validation set."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from . import assets, data
+
+    model_dir = assets.minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    train, valid = _sentiment_splits(data)
+    if eval_limit is not None:
+        valid = valid[:eval_limit]
+
+    def encode(texts):
+        return tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+
+    def collate(rows):
+        batch = dict(encode([r["text"] for r in rows]))
+        batch["labels"] = torch.tensor([int(r["label"]) for r in rows])
+        return batch
+
+    def load_model():
+        return AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=2)
+
+    @torch.no_grad()
+    def evaluate(model):
+        model.eval()
+        correct = 0
+        for i in range(0, len(valid), 128):
+            rows = valid[i : i + 128]
+            logits = model(**encode([r["text"] for r in rows])).logits
+            correct += int((logits.argmax(-1) == torch.tensor([int(r["label"]) for r in rows])).sum())
+        model.train()
+        return {"accuracy": correct / len(valid), "n_eval": len(valid)}
+
+    return Task(
+        name="sentiment",
+        score_name="accuracy",
+        higher_is_better=True,
+        task_type="SEQ_CLS",
+        target_modules=["query", "key", "value", "dense"],
+        load_model=load_model,
+        train_batches=lambda seed, steps, bs: _shuffled_batches(train, seed, steps, bs, collate),
+        evaluate=evaluate,
+        description=f"MiniLM-L6 (BERT) on Rotten Tomatoes ({len(train)} snippets, SST-2 overlaps removed), "
+        f"SST-2 validation accuracy ({len(valid)} sentences)",
+    )
+
+
+def _sentiment_splits(data) -> tuple[list, list]:
+    """(train, valid) as lists of {"text", "label"} from `l1ra.data.sentiment_data()`."""
+    result = data.sentiment_data()
+    if isinstance(result, dict):
+        train, valid = result["train"], result.get("validation", result.get("valid"))
+    else:
+        train, valid = result[0], result[1]
+    return [_text_label(r) for r in train], [_text_label(r) for r in valid]
+
+
+def _text_label(row) -> dict:
+    text = row.get("text", row.get("sentence"))
+    return {"text": text, "label": int(row["label"])}
+
+
+# ---------------------------------------------------------------------------------------------------- gsm8k
+
+
+def gsm8k_task(max_length: int = 256, eval_limit: Optional[int] = None) -> Task:
+    """SmolLM2-135M-Instruct fine-tuned on the GSM8K train split; scored by the held-out answer-token loss (lower
+    is better) and its perplexity."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import assets, data
+
+    model_dir = assets.smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_rows, heldout_rows = data.gsm8k_split()  # the main job's fixed split; the run seed only orders batches
+    if eval_limit is not None:
+        heldout_rows = heldout_rows[:eval_limit]
+
+    def encode(rows):  # the main job's tokenisation: chat template, loss on the answer tokens only
+        out = [data.tokenize_prompt_completion(tokenizer, r["prompt"], r["completion"], max_length) for r in rows]
+        return [e for e in out if e is not None]
+
+    train, heldout = encode(train_rows), encode(heldout_rows)
+
+    def collate(rows):
+        return _pad(rows, pad_id)
+
+    def load_model():
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+
+    def evaluate(model):
+        return answer_loss(model, heldout, pad_id, bf16=True)
+
+    return Task(
+        name="gsm8k",
+        score_name="loss",
+        higher_is_better=False,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        load_model=load_model,
+        train_batches=lambda seed, steps, bs: _shuffled_batches(train, seed, steps, bs, collate),
+        evaluate=evaluate,
+        bf16_autocast=True,
+        description=f"SmolLM2-135M-Instruct on GSM8K ({len(train)} train problems), held-out answer-token loss "
+        f"({len(heldout)} problems), bf16 autocast",
+    )
+
+
+@torch.no_grad()
+def answer_loss(model, examples: list, pad_id: int, bf16: bool, batch_size: int = 8) -> dict:
+    """Mean next-token loss over the labelled (answer) tokens, computed from the logits: AdaLoRA adds its
+    orthogonality penalty to `outputs.loss`, so the model's own loss is not comparable between methods."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = _pad(examples[i : i + batch_size], pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        mask = labels != -100
+        nll = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        total += float(nll[mask].sum())
+        count += int(mask.sum())
+    model.train()
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(loss), "n_eval": len(examples), "answer_tokens": count}
+
+
+def _pad(rows: list, pad_id: int) -> dict:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------------- tiny
+
+
+def tiny_task(max_length: int = 16, eval_limit: Optional[int] = None) -> Task:
+    """A random 2-layer Llama learning a synthetic copy-the-prompt task: the whole pipeline in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = 64
+    g = torch.Generator().manual_seed(1234)
+    half = max(2, max_length // 2)
+
+    def example():
+        p = torch.randint(2, vocab, (half,), generator=g).tolist()
+        return {"input_ids": p + p, "labels": [-100] * half + p}
+
+    train = [example() for _ in range(64)]
+    heldout = [example() for _ in range(eval_limit or 16)]
+
+    def load_model():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        )
+        return LlamaForCausalLM(cfg)
+
+    def evaluate(model):
+        return answer_loss(model, heldout, 0, bf16=False)
+
+    return Task(
+        name="tiny",
+        score_name="loss",
+        higher_is_better=False,
+        task_type="CAUSAL_LM",
+        target_modules="all-linear",
+        load_model=load_model,
+        train_batches=lambda seed, steps, bs: _shuffled_batches(train, seed, steps, bs, lambda r: _pad(r, 0)),
+        evaluate=evaluate,
+        description="random tiny Llama on synthetic copy data (pipeline smoke test)",
+    )
+
+
+TASKS = {"sentiment": sentiment_task, "gsm8k": gsm8k_task, "tiny": tiny_task}
+
+
+def build_task(name: str, max_length: int, eval_limit: Optional[int]) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"--task {name!r} is unknown; choose one of: {', '.join(TASKS)}")
+    return TASKS[name](max_length=max_length, eval_limit=eval_limit)
