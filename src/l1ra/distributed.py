@@ -60,10 +60,10 @@ def check_ddp_internals() -> None:
         params = list(inspect.signature(ddp._ddp_init_helper).parameters)
         if params != _INIT_HELPER_ARGS:
             missing.append(f"_ddp_init_helper{tuple(params[1:])} (expected {tuple(_INIT_HELPER_ARGS[1:])})")
-    import torch.distributed as dist
+    import torch.distributed.utils as dist_utils
 
-    if not callable(getattr(dist, "_verify_param_shape_across_processes", None)):
-        missing.append("torch.distributed._verify_param_shape_across_processes")
+    if not callable(getattr(dist_utils, "_verify_param_shape_across_processes", None)):
+        missing.append("torch.distributed.utils._verify_param_shape_across_processes")
     if not hasattr(ddp, "_active_ddp_module"):
         missing.append("DistributedDataParallel._active_ddp_module")
     if missing:
@@ -193,7 +193,9 @@ def rebuild_ddp(ddp) -> None:
     ignore = ddp.parameters_to_ignore
     ddp._module_parameters = [p for n, p in ddp.module.named_parameters() if n not in ignore]
     parameters, expect_sparse_gradient = ddp._build_params_for_reducer()
-    dist._verify_param_shape_across_processes(ddp.process_group, parameters)
+    from torch.distributed.utils import _verify_param_shape_across_processes
+
+    _verify_param_shape_across_processes(ddp.process_group, parameters)  # same shapes on every process, or raise
     param_to_name_mapping = ddp._build_debug_param_to_name_mapping(parameters)
     ddp.reducer = None
     ddp._ddp_init_helper(parameters, expect_sparse_gradient, param_to_name_mapping, ddp.static_graph)

@@ -1,0 +1,254 @@
+"""L1RA under DistributedDataParallel (real gloo process groups, real `torchrun` / `accelerate launch` processes) and
+its refusal of FSDP / DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import l1ra
+from l1ra import distributed as l1ra_dist
+from conftest import make_batch, make_model
+
+WORKER = Path(__file__).with_name("l1ra_worker.py")
+ROOT = WORKER.parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    return env
+
+
+def _run(cmd: list[str], timeout: int = 240) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def _results(out: Path, world: int):
+    return [
+        (json.loads((out / f"result-rank{r}.json").read_text()), load_file(str(out / f"result-rank{r}.safetensors")))
+        for r in range(world)
+    ]
+
+
+def _assert_identical_across_ranks(results) -> None:
+    (info0, w0), rest = results[0], results[1:]
+    for info, w in rest:
+        assert info["ranks"] == info0["ranks"]
+        assert info["history"] == info0["history"]
+        assert w.keys() == w0.keys()
+        for k in w0:
+            assert torch.equal(w[k], w0[k]), f"{k} differs between processes"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two real processes
+
+
+def test_torchrun_plain_loop_two_processes_match_single_process(tmp_path):
+    """torchrun, 2 gloo processes, plain loop with find_unused_parameters=True (what Trainer uses for PEFT)."""
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    _run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        str(WORKER), "plain", "--out", str(ddp_out), "--steps", "12", "--global-batch", "4", "--find-unused",
+    ])
+    _run([sys.executable, str(WORKER), "plain", "--out", str(single_out), "--steps", "12", "--global-batch", "4"])
+    results = _results(ddp_out, 2)
+    _assert_identical_across_ranks(results)
+    info, weights = results[0]
+    moved = sum(sum(e["added"].values()) for e in info["history"])
+    assert moved > 0, "the run must actually move ranks for this test to mean anything"
+    assert info["reducers_built"] >= 1
+    # After every reallocation that added ranks, the next backward gave every new rank a gradient (not None, not all
+    # zero) and the all-reduced gradients were identical on both processes: the rebuilt reducer covers them.
+    checks = info["new_rank_grads"]
+    assert checks and all(c["equal_across_ranks"] and c["nonzero"] and c["modules"] > 0 for c in checks)
+    # Same global batch on one process: same decisions, same weights up to float reduction order.
+    single_info, single_weights = _results(single_out, 1)[0]
+    assert single_info["ranks"] == info["ranks"]
+    assert single_info["history"] == info["history"]
+    for k, v in single_weights.items():
+        torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_accelerate_launch_trainer_two_processes(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: Trainer + L1RACallback under DDP (gloo)."""
+    out = tmp_path / "acc"
+    _run([
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(WORKER), "trainer", "--out", str(out), "--steps", "12", "--batch", "2",
+    ])
+    results = _results(out, 2)
+    _assert_identical_across_ranks(results)
+    for info, _ in results:
+        assert info["world_size"] == 2
+        assert info["ddp_wrapper_found"], "the forward pre-hook must have found the Trainer's DDP wrapper"
+        assert info["optimizer_holds_model_params"]
+    assert sum(sum(e["added"].values()) for e in results[0][0]["history"]) > 0
+    assert sum(results[0][0]["ranks"].values()) == 14 * 4  # budget kept
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-process, one-process gloo group: the rebuild keeps the wrapper's settings
+
+
+@pytest.fixture
+def gloo_group():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _l1ra_model(**overrides):
+    values = dict(r=4, target_modules="all-linear", task_type="CAUSAL_LM", update_every=1, seed=3)
+    values.update(overrides)
+    return l1ra.get_l1ra_model(make_model("llama", seed=0), l1ra.L1RAConfig(**values))
+
+
+def _zero_some_gates(model) -> None:
+    with torch.no_grad():
+        for i, gate in enumerate(l1ra.gates(model).values()):
+            if i % 3 == 0:
+                gate[:2] = 0.0
+
+
+@pytest.mark.parametrize("static_graph", [False, True])
+def test_rebuild_keeps_comm_hook_and_static_graph(gloo_group, static_graph):
+    model = _l1ra_model()
+    model.train()
+    opt = l1ra.create_optimizer(model, lr=1e-2)
+    ddp = DDP(model, static_graph=static_graph)
+    calls = []
+
+    def hook(state, bucket):
+        calls.append(len(bucket.parameters()))
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
+    ddp.register_comm_hook(None, hook)
+    batch = make_batch("llama")
+    for _ in range(2):  # static graph records its graph in the first iterations
+        ddp(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    _zero_some_gates(model)
+    old_reducer = ddp.reducer
+    event = l1ra.reallocate(ddp, opt)
+    assert event.moved > 0
+    assert ddp.reducer is not old_reducer
+    assert ddp.static_graph is static_graph
+    params = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in ddp._module_parameters if p.requires_grad} == params
+    calls.clear()
+    for _ in range(2):
+        ddp(**batch).loss.backward()
+        assert calls, "the comm hook must still run after the rebuild"
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g is not None for g in grads.values())
+        opt.step()
+        opt.zero_grad()
+        calls.clear()
+
+
+def test_trainer_style_wrapper_is_found_by_forward(gloo_group):
+    """The Trainer hands callbacks the unwrapped model: the wrapper is found through its forward and rebuilt."""
+    model = _l1ra_model()
+    model.train()
+    opt = l1ra.create_optimizer(model, lr=1e-2)
+    ddp = DDP(model, find_unused_parameters=True)
+    ddp(**make_batch("llama")).loss.backward()
+    opt.step()
+    assert l1ra_dist.ddp_wrapper(model, model) is ddp
+    _zero_some_gates(model)
+    old_reducer = ddp.reducer
+    l1ra.reallocate(model, opt)  # the unwrapped model, as L1RACallback sees it
+    assert ddp.reducer is not old_reducer
+    opt.zero_grad()
+    ddp(**make_batch("llama")).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_missing_private_ddp_api_is_a_clear_error(monkeypatch, gloo_group):
+    model = _l1ra_model()
+    ddp = DDP(model)
+    monkeypatch.delattr(DDP, "_ddp_init_helper")
+    with pytest.raises(l1ra_dist.DistributedSetupError, match="tested with torch 2.13"):
+        l1ra_dist.rebuild_ddp(ddp)
+
+
+def test_unrebuildable_ddp_options_are_refused(gloo_group):
+    model = _l1ra_model()
+    ddp = DDP(model)
+    ddp.mixed_precision = object()  # what DDP(mixed_precision=...) sets
+    with pytest.raises(l1ra_dist.DistributedSetupError, match="mixed_precision"):
+        l1ra.reallocate(ddp, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP / DeepSpeed: refused with the reason and the alternative
+
+
+@pytest.mark.parametrize("var,kind", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_accelerate_sharded_configs_are_refused(monkeypatch, var, kind):
+    monkeypatch.setenv(var, "true")
+    model = _l1ra_model()
+    opt = l1ra.create_optimizer(model, lr=1e-2)
+    with pytest.raises(l1ra_dist.DistributedSetupError, match=f"does not support {kind}.*DistributedDataParallel"):
+        l1ra.after_optimizer_step(model, opt)
+
+
+def test_trainer_args_fsdp_refused_at_train_begin():
+    from types import SimpleNamespace
+
+    model = _l1ra_model()
+    opt = l1ra.create_optimizer(model, lr=1e-2)
+    args = SimpleNamespace(fsdp=["full_shard"], deepspeed=None)
+    with pytest.raises(l1ra_dist.DistributedSetupError, match="FSDP.*shapes are fixed"):
+        l1ra.L1RACallback().on_train_begin(args, SimpleNamespace(max_steps=10), None, model=model, optimizer=opt)
+    args = SimpleNamespace(fsdp=[], deepspeed="ds_config.json")
+    with pytest.raises(l1ra_dist.DistributedSetupError, match="ZeRO-3 shards parameters"):
+        l1ra.L1RACallback().on_train_begin(args, SimpleNamespace(max_steps=10), None, model=model, optimizer=opt)
+
+
+def test_zero3_partitioned_parameters_refused():
+    model = _l1ra_model()
+    opt = l1ra.create_optimizer(model, lr=1e-2)
+    next(p for p in model.parameters()).ds_id = 0  # how DeepSpeed ZeRO-3 marks the parameters it partitions
+    with pytest.raises(l1ra_dist.DistributedSetupError, match="ZeRO-3"):
+        l1ra.after_optimizer_step(model, opt)
+
+
+def test_fsdp2_fully_shard_refused(gloo_group):
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        pytest.skip("no FSDP2 in this torch")
+    model = _l1ra_model()
+    try:
+        fully_shard(model)
+    except Exception as err:  # pragma: no cover - CPU FSDP2 unavailable
+        pytest.skip(f"fully_shard on CPU failed: {err}")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with pytest.raises(l1ra_dist.DistributedSetupError, match="FSDP"):
+        l1ra.reallocate(model, opt)
