@@ -1,0 +1,124 @@
+"""`l1ra merge` and `l1ra generate`: use a trained adapter (plain PEFT LoRA) with its base model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+
+class ServeError(ValueError):
+    pass
+
+
+def find_adapter(run_dir) -> tuple[Path, Optional[Path]]:
+    """`(adapter folder, run folder or None)` for a run output dir, a checkpoint or an adapter folder."""
+    from .train import ADAPTER_DIR, RUN_CONFIG, latest_checkpoint
+
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise ServeError(f"{d}: no such directory")
+    if (d / "adapter_config.json").is_file():
+        for run in (d.parent, d):
+            if (run / RUN_CONFIG).is_file():
+                return d, run
+        return d, None
+    if (d / ADAPTER_DIR / "adapter_config.json").is_file():
+        return d / ADAPTER_DIR, d
+    ckpt = latest_checkpoint(d)
+    if ckpt is not None:
+        return ckpt, d if (d / RUN_CONFIG).is_file() else None
+    raise ServeError(f"{d}: holds no adapter (adapter/, checkpoint-N/ or adapter_config.json); is it an "
+                     "`l1ra train` output dir?")
+
+
+def base_model_path(adapter: Path, run: Optional[Path], model: Optional[str]) -> str:
+    from .train import RUN_CONFIG
+
+    if model:
+        return model
+    if run is not None:
+        cfg = json.loads((run / RUN_CONFIG).read_text())
+        if cfg.get("model_path"):
+            return cfg["model_path"]
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ServeError(f"{adapter}: the adapter does not name its base model; pass --model")
+    return base
+
+
+def load_tuned(run_dir, model: Optional[str] = None):
+    """`(peft_model, tokenizer, task)` with the adapter loaded for inference."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    adapter, run = find_adapter(run_dir)
+    base_path = base_model_path(adapter, run, model)
+    if not Path(base_path).exists() and "/" in base_path and base_path.startswith(("/", ".", "~")):
+        raise ServeError(f"base model {base_path} not found; pass --model")
+    task_type = json.loads((adapter / "adapter_config.json").read_text()).get("task_type")
+    cls = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
+    try:
+        base = cls.from_pretrained(base_path, dtype=torch.float32)
+        tok_src = adapter if (adapter / "tokenizer_config.json").exists() else base_path
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+    except Exception as err:
+        raise ServeError(f"cannot load the base model {base_path} ({str(err).splitlines()[0][:200]}); pass --model") from None
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(adapter))
+    except Exception as err:
+        raise ServeError(f"{adapter}: cannot load the adapter onto {base_path} ({str(err).splitlines()[0][:200]})") from None
+    peft_model.eval()
+    return peft_model, tokenizer, task_type
+
+
+def merge(run_dir, out, model: Optional[str] = None, overwrite: bool = False) -> Path:
+    """Write base + adapter merged into one plain transformers model folder (atomically)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ServeError(f"--out {out}: exists and is not empty; pass --overwrite or choose another folder")
+    peft_model, tokenizer, _ = load_tuned(run_dir, model)
+    merged = peft_model.merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    try:
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def generate(run_dir, prompt: str, model: Optional[str] = None, max_new_tokens: int = 256) -> str:
+    """The tuned model's greedy answer to `prompt` (chat template applied when the tokenizer has one)."""
+    import torch
+
+    from .data import render_prompt
+
+    if not prompt.strip():
+        raise ServeError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise ServeError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+    peft_model, tokenizer, task_type = load_tuned(run_dir, model)
+    if task_type == "SEQ_CLS":
+        enc = tokenizer(prompt, return_tensors="pt", truncation=True)
+        with torch.no_grad():
+            probs = peft_model(**enc).logits.softmax(-1)[0]
+        label = int(probs.argmax())
+        return f"{'positive' if label == 1 else 'negative'} (p={probs[label]:.3f})"
+    text = render_prompt(tokenizer, prompt)
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not bool(getattr(tokenizer, "chat_template", None)))
+    with torch.no_grad():
+        ids = peft_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
