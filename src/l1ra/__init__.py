@@ -20,11 +20,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # The callback imports transformers' Trainer machinery: load it only when asked for.
+    # The callback imports transformers' Trainer machinery and `assets` the offline model packages: load on demand.
     if name == "L1RACallback":
         from .callback import L1RACallback
 
         return L1RACallback
+    if name == "assets":
+        import importlib
+
+        return importlib.import_module(".assets", __name__)
     raise AttributeError(f"module 'l1ra' has no attribute {name!r}")
 
 

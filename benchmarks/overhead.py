@@ -1,0 +1,163 @@
+"""Cost of L1RA over plain PEFT LoRA at the same rank budget, measured side by side in one process.
+
+    python benchmarks/overhead.py                      # MiniLM and SmolLM2-135M
+    python benchmarks/overhead.py --models minilm --steps 30
+
+For each model: LoRA and L1RA train on the same batch, one step each, alternating, so machine noise hits both
+alike. Prints the median step-time ratio (L1RA/LoRA, including `after_optimizer_step`), the cost of one
+reallocation in training steps, and the peak-memory ratio: on CUDA from `max_memory_allocated`; on CPU from the
+peak resident memory of a fresh subprocess per method (which includes the shared base model, so it is the
+whole-process figure a user sees).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, "src")
+
+
+def load(name: str, device):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from l1ra import assets
+
+    if name == "minilm":
+        path = assets.minilm_dir()
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        targets, task, batch_size, length = ["query", "key", "value", "dense"], "SEQ_CLS", 16, 128
+    else:
+        path = assets.smollm2_dir(verbose=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        targets, task, batch_size, length = "all-linear", "CAUSAL_LM", 8, 128
+    tok = AutoTokenizer.from_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, min(tok.vocab_size, 20000), (batch_size, length), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["labels"] = torch.randint(0, 2, (batch_size,), generator=g) if task == "SEQ_CLS" else ids.clone()
+    return model.to(device), {k: v.to(device) for k, v in batch.items()}, dict(r=8, lora_alpha=16, target_modules=targets, task_type=task)
+
+
+def build(method: str, model, lora_kwargs):
+    import peft
+
+    import l1ra
+
+    torch.manual_seed(0)
+    if method == "lora":
+        m = peft.get_peft_model(model, peft.LoraConfig(lora_dropout=0.0, **lora_kwargs))
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        return m, opt, lambda: None
+    m = l1ra.get_l1ra_model(model, l1ra.L1RAConfig(lora_dropout=0.0, update_every=10**9, **lora_kwargs))
+    opt = l1ra.create_optimizer(m, lr=1e-4)
+    return m, opt, lambda: l1ra.after_optimizer_step(m, opt)
+
+
+def step(model, opt, after, batch, device, autocast):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    after()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench(name: str, steps: int, device, autocast: bool) -> dict:
+    import copy
+
+    import l1ra
+
+    base, batch, lora_kwargs = load(name, device)
+    runs = {m: build(m, copy.deepcopy(base), lora_kwargs) for m in ("lora", "l1ra")}
+    times = {m: [] for m in runs}
+    for i in range(steps + 2):
+        for m in (("lora", "l1ra") if i % 2 == 0 else ("l1ra", "lora")):
+            t = timed(lambda: step(*runs[m], batch, device, autocast))
+            if i >= 2:  # warm-up
+                times[m].append(t)
+    model, opt, _ = runs["l1ra"]
+    realloc = []
+    for i in range(5):
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for gate in l1ra.gates(model).values():
+                gate.masked_fill_(torch.rand(gate.shape, generator=gen).to(gate.device) < 0.25, 0.0)
+        realloc.append(timed(lambda: l1ra.reallocate(model, opt)))
+    med = {m: statistics.median(t) for m, t in times.items()}
+    return {
+        "model": name,
+        "steps": steps,
+        "lora_step_s": med["lora"],
+        "l1ra_step_s": med["l1ra"],
+        "step_time_ratio": med["l1ra"] / med["lora"],
+        "reallocation_s": statistics.median(realloc),
+        "reallocation_in_steps": statistics.median(realloc) / med["l1ra"],
+    }
+
+
+def peak_memory(name: str, method: str, device, autocast: bool, steps: int = 3) -> float:
+    """Peak bytes of one method training alone: CUDA allocator peak, or a fresh process's peak RSS on CPU."""
+    if device.type == "cuda":
+        base, batch, kw = load(name, device)
+        torch.cuda.reset_peak_memory_stats()
+        run = build(method, base, kw)
+        for _ in range(steps):
+            step(*run, batch, device, autocast)
+        return float(torch.cuda.max_memory_allocated())
+    code = (
+        "import sys, resource, torch; sys.path.insert(0, 'benchmarks'); import overhead as o; "
+        f"torch.set_num_threads({torch.get_num_threads()}); "
+        f"base, batch, kw = o.load({name!r}, torch.device('cpu')); run = o.build({method!r}, base, kw); "
+        f"[o.step(*run, batch, torch.device('cpu'), {autocast}) for _ in range({steps})]; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per method (after 2 warm-up steps)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    autocast = not args.no_bf16
+    rows = []
+    for name in args.models:
+        row = bench(name, args.steps, device, autocast)
+        mem = {m: peak_memory(name, m, device, autocast) for m in ("lora", "l1ra")}
+        row.update(peak_lora_mib=mem["lora"] / 2**20, peak_l1ra_mib=mem["l1ra"] / 2**20, memory_ratio=mem["l1ra"] / mem["lora"])
+        rows.append(row)
+        print(
+            f"{name:8s} step L1RA/LoRA {row['step_time_ratio']:.3f} (median {row['l1ra_step_s']:.3f}s vs "
+            f"{row['lora_step_s']:.3f}s over {args.steps} alternating steps) | one reallocation "
+            f"{row['reallocation_in_steps']:.3f} steps ({row['reallocation_s'] * 1000:.0f} ms) | peak memory "
+            f"L1RA/LoRA {row['memory_ratio']:.3f} ({row['peak_l1ra_mib']:.0f} vs {row['peak_lora_mib']:.0f} MiB)",
+            flush=True,
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "bf16_autocast": autocast, "torch_threads": torch.get_num_threads(), "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
