@@ -229,6 +229,11 @@ def load_into(peft_model, directory) -> None:
         r = ranks[name]
         a = weights.get(_key(name, "lora_A", "weight"))
         b = weights.get(_key(name, "lora_B", "weight"))
+        if a is None or b is None:
+            raise CheckpointError(
+                f"{directory / ADAPTER_WEIGHTS}: no LoRA weights for {name}; was the adapter saved from another base "
+                "model or with other target_modules?"
+            )
         if not isinstance(r, int) or r < 1 or a is None or b is None or a.shape[0] != r or b.shape[1] != r:
             raise CheckpointError(
                 f"{directory / ADAPTER_WEIGHTS}: weights of {name} do not match rank {r} "
