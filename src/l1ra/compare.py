@@ -469,7 +469,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads per run")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per run (default 1: on a shared machine, more threads make step times "
+                        "erratic because OpenMP threads wait for each other; use the core count on a quiet machine)")
     p.add_argument("--l1ra-lambda", type=float, default=None, help="L1RA L1 strength (default: L1RAConfig's)")
     p.add_argument("--eta-c", type=float, default=None, help="L1RA gate learning rate (default: L1RAConfig's)")
     p.add_argument("--update-every", type=float, default=None,

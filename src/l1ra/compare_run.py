@@ -45,7 +45,7 @@ class RunSpec:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    threads: int = 2
+    threads: int = 1
     # L1RA: None keeps the library's L1RAConfig default
     l1ra_lambda: Optional[float] = None
     eta_c: Optional[float] = None
@@ -251,6 +251,7 @@ def run_one(spec: RunSpec, task=None) -> dict:
     rss_before = rss_mb()
     losses, step_times = [], []
     autocast = task.bf16_autocast
+    load_start = os.getloadavg()[0]
     t_train = time.perf_counter()
     for step, batch in enumerate(batches, start=1):
         t0 = time.perf_counter()
@@ -297,6 +298,8 @@ def run_one(spec: RunSpec, task=None) -> dict:
         "train_losses": losses,
         "spec": spec.to_dict(),
         "torch_threads": torch.get_num_threads(),
+        # 1-minute load average at the start and end of training: other jobs on the machine slow every method
+        "load_average": [load_start, os.getloadavg()[0]],
     }
     if spec.method in ("l1ra", "l1ra_prune"):
         from .model import find_l1ra_model
