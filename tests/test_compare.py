@@ -16,7 +16,7 @@ STEPS = 10
 
 
 def spec(method, seed=0, **kw):
-    base = dict(task="tiny", method=method, seed=seed, steps=STEPS, batch_size=4, lr=5e-3, max_length=16, rank=4)
+    base = dict(task=kw.pop("task", "tiny"), method=method, seed=seed, steps=STEPS, batch_size=4, lr=5e-3, max_length=16, rank=4)
     base.update(kw)
     return RunSpec(**base)
 
@@ -189,3 +189,31 @@ def test_make_specs_rejects_a_run_without_lora():
     specs = compare.make_specs(args)
     assert {s.method for s in specs} == {"lora", "adalora", "l1ra", "l1ra_prune", "dora"}
     assert {s.seed for s in specs} == {0}
+
+
+def test_first_step_is_identical_for_lora_and_l1ra_even_with_a_fresh_head():
+    # Before the first update B = 0, so LoRA and L1RA compute the base model: same head init, same data, same
+    # dropout stream give the same loss. A model whose head is drawn at load time (like MiniLM + classifier).
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from l1ra.compare_tasks import Task, _shuffled_batches
+
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=32, num_labels=2)
+    rows = [{"input_ids": torch.randint(0, 64, (8,)), "label": i % 2} for i in range(16)]
+
+    def collate(rs):
+        ids = torch.stack([r["input_ids"] for r in rs])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([r["label"] for r in rs])}
+
+    task = Task(
+        name="tiny-bert", score_name="acc", higher_is_better=True, task_type="SEQ_CLS",
+        target_modules=["query", "key", "value", "dense"], load_model=lambda: BertForSequenceClassification(cfg),
+        train_batches=lambda seed, steps, bs: _shuffled_batches(rows, seed, steps, bs, collate),
+        evaluate=lambda model: {"acc": 0.5},
+    )
+    torch.manual_seed(123)  # the global RNG state differs between calls: run_one must not depend on it
+    a = run_one(spec("lora", steps=2), task)
+    torch.manual_seed(456)
+    b = run_one(spec("l1ra", steps=2), task)
+    assert a["train_losses"][0] == b["train_losses"][0]

@@ -242,6 +242,7 @@ def run_one(spec: RunSpec, task=None) -> dict:
     if task is None:
         task = build_task(spec.task, spec.max_length, spec.eval_limit)
     batches = task.train_batches(spec.seed, spec.steps, spec.batch_size)
+    torch.manual_seed(spec.seed)  # a newly initialised head (sentiment's classifier) is the same for every method
     base = task.load_model()
     torch.manual_seed(spec.seed)  # adapter init and dropout: same stream for every method of this seed
     pm, opt, after_step = wrap_model(spec.method, base, task, spec)

@@ -40,7 +40,9 @@ class TaskDefaults:
     eval_limit: Optional[int]  # None: the whole evaluation split
 
 
-# Full runs and `--quick` smoke runs per task. Full: the figures in the README; quick: under 15 minutes on 2 cores.
+# Full runs and `--quick` smoke runs per task; quick finishes under 15 minutes on 2 shared cores. Expected full-run
+# durations with 1 thread on a shared 2-core machine: sentiment ~2.5 min per run (12 runs, ~30 min); gsm8k
+# ~6 s per step plus ~2 min of evaluation per run (12 runs, ~2.5 h): shorten with --steps / --seeds.
 DEFAULTS = {
     "sentiment": {
         "full": TaskDefaults(steps=200, batch_size=16, lr=1e-3, seeds=3, max_length=64, eval_limit=None),
@@ -48,7 +50,7 @@ DEFAULTS = {
     },
     "gsm8k": {
         "full": TaskDefaults(steps=100, batch_size=8, lr=2e-4, seeds=3, max_length=256, eval_limit=None),
-        "quick": TaskDefaults(steps=12, batch_size=4, lr=2e-4, seeds=1, max_length=160, eval_limit=48),
+        "quick": TaskDefaults(steps=10, batch_size=4, lr=2e-4, seeds=1, max_length=128, eval_limit=32),
     },
     "tiny": {  # random tiny Llama on synthetic data: exercises the whole pipeline in seconds (tests, smoke)
         "full": TaskDefaults(steps=20, batch_size=4, lr=5e-3, seeds=2, max_length=16, eval_limit=None),
