@@ -7,7 +7,7 @@ tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pret
 model = l1ra.get_l1ra_model(model, l1ra.L1RAConfig(r=8, target_modules="all-linear", update_every=2))
 opt = l1ra.create_optimizer(model, lr=2e-4)  # gates get their own lr (eta_c), no weight decay
 batch = tok(["Q: 2+3? A: 5", "Q: 4*2? A: 8"], return_tensors="pt", padding=True)
-for step in range(4):
+for step in range(3):
     model(**batch, labels=batch["input_ids"]).loss.backward()
     opt.step()
     l1ra.after_optimizer_step(model, opt)  # L1 on the gates; reallocates ranks when due
