@@ -217,3 +217,13 @@ def test_first_step_is_identical_for_lora_and_l1ra_even_with_a_fresh_head():
     torch.manual_seed(456)
     b = run_one(spec("l1ra", steps=2), task)
     assert a["train_losses"][0] == b["train_losses"][0]
+
+
+def test_from_results_rerenders_an_interrupted_comparison(runs, tmp_path):
+    partial = {"command": "l1ra compare --task tiny", "date": "2025-01-01T00:00:00", "machine": compare.machine_info(1),
+               "memory_method": "test", "runs": [runs["lora"], runs["l1ra"]]}
+    src = tmp_path / "partial.json"
+    src.write_text(json.dumps(partial))
+    assert compare.main(["--task", "tiny", "--from-results", str(src), "--output-dir", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| L1RA |" in md and "AdaLoRA" not in md.split("Targets")[0]

@@ -198,6 +198,13 @@ def run_compare(
         )
         _write_json(output_dir / "results.json", results)
     results["total_wall_s"] = time.perf_counter() - t0
+    write_reports(results, output_dir, log=log)
+    return results
+
+
+def write_reports(results: dict, output_dir: Path, log=print) -> dict:
+    """Summarise `results["runs"]` and (re)write results.json, results.md and one PNG per task."""
+    output_dir = Path(output_dir)
     results["summary"] = summarize(results["runs"])
     _write_json(output_dir / "results.json", results)
     (output_dir / "results.md").write_text(render_markdown(results))
@@ -478,6 +485,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="L1RA reallocation interval: fraction of steps (<1) or a step count (default: L1RAConfig's)")
     p.add_argument("--prune-threshold", type=float, default=None, help="L1RA prune threshold (default: L1RAConfig's)")
     p.add_argument("--adalora-delta-t", type=int, default=1, help="AdaLoRA deltaT (PEFT default 1)")
+    p.add_argument("--from-results", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="run nothing: rewrite results.md and the figures from the runs in this results.json "
+                        "(e.g. of an interrupted comparison) into --output-dir")
     p.add_argument("--in-process", action="store_true",
                    help="run everything in this process (faster start; peak-memory figures are then not per method)")
 
@@ -495,8 +505,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_from_args(args, argv: Optional[Sequence[str]] = None) -> int:
-    specs = make_specs(args)
     output_dir = args.output_dir or Path(f"compare-{args.task}")
+    if args.from_results:
+        # Re-render the reports from the runs already in a results.json (e.g. an interrupted comparison).
+        results = json.loads(Path(args.from_results).read_text())
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        results.setdefault("failures", [])
+        write_reports(results, output_dir)
+        print((Path(output_dir) / "results.md").read_text())
+        return 0
+    specs = make_specs(args)
     command = "l1ra compare " + shlex.join(list(argv) if argv is not None else _compare_argv())
     n_methods = len({s.method for s in specs})
     print(f"l1ra compare: task {args.task}, {n_methods} methods x {len({s.seed for s in specs})} seeds, "
