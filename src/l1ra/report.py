@@ -73,6 +73,10 @@ def summary_text(metrics: dict, history: Optional[dict]) -> str:
         last = (metrics.get("curves", {}).get("eval") or [[0, base["loss"]]])[-1]
         lines.append(f"{metric}: base {base['loss']:.4f}; last held-out evaluation {last[1]:.4f} at step {last[0]} "
                      f"(run {status})")
+    tl = metrics.get("train_loss")
+    if tl and tl.get("base_first_batch") is not None:
+        lines.append(f"train loss: first batch {tl['base_first_batch']:.4f} -> mean of the last 10 steps "
+                     f"{tl['tuned_last10_mean']:.4f}")
     if history and history.get("events"):
         events = history["events"]
         first, last = events[0]["ranks"], events[-1]["ranks"]

@@ -621,8 +621,11 @@ class Recorder:
     def flush(self, model=None) -> None:
         self.metrics["curves"] = {"train": self.train_curve, "eval": self.eval_curve, "lr": self.lr_curve}
         if self.train_curve:
+            # The adapters start as an exact no-op (B = 0), so the first step's loss is the base model's on that batch.
             tail = [v for _, v in self.train_curve[-10:]]
-            self.metrics["train_loss"] = {"first": self.train_curve[0][1], "last10_mean": sum(tail) / len(tail)}
+            first, last = self.train_curve[0][1], sum(tail) / len(tail)
+            self.metrics["train_loss"] = {"base_first_batch": first, "base_first_batch_perplexity": _ppl(first),
+                                          "tuned_last10_mean": last, "tuned_last10_mean_perplexity": _ppl(last)}
         atomic_write_json(self.out / METRICS, self.metrics)
         if model is not None:
             write_rank_history(model, self.out / RANK_HISTORY)
