@@ -257,3 +257,24 @@ def test_sentiment_preset_smoke(tmp_path, capsys):
     assert "held-out accuracy" in capsys.readouterr().out
     assert main(["generate", str(out), "a wonderful, moving film"]) == 0
     assert capsys.readouterr().out.split()[0] in ("positive", "negative")
+
+
+def test_progress_live_bar_and_plain_lines():
+    import io
+
+    from l1ra.progress import Progress
+
+    live = io.StringIO()
+    bar = Progress(10, live=True, stream=live)
+    for step in range(1, 11):
+        bar.update(step, loss=1.0 / step, lr=1e-4, moved=step // 5)
+    bar.close()
+    text = live.getvalue()
+    assert "10/10" in text and "ranks moved 2" in text and "lr 1.00e-04" in text and "\r" in text
+    plain = io.StringIO()
+    lines = Progress(10, live=False, stream=plain, every=5)
+    for step in range(1, 11):
+        lines.update(step, loss=0.5, moved=1)
+    out = plain.getvalue().splitlines()
+    assert [line.split("|")[0].strip() for line in out] == ["train step 5/10", "train step 10/10"]
+    assert "left 00:00" in out[-1]

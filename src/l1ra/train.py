@@ -472,7 +472,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
                        "interrupted before the first checkpoint; nothing to resume") from None
     finally:
         progress_cb.close()
-    train_seconds = time.time() - t_train
+    train_seconds = time.time() - t_train - progress_cb.eval_seconds  # optimisation time, evaluations excluded
     if progress_cb.nonfinite is not None:
         recorder.metrics["status"] = "failed: non-finite loss"
         recorder.flush(model)
@@ -654,6 +654,7 @@ class RunCallback(TrainerCallback):
         self.last_eval = None
         self.last_eval_step = None
         self.n_events = 0
+        self.eval_seconds = 0.0
         self.model = None
         recorder.truncate(start)
 
@@ -698,7 +699,9 @@ class RunCallback(TrainerCallback):
             write_rank_history(model, self.recorder.out / RANK_HISTORY)
         step = state.global_step
         if step % self.eval_steps == 0 or step == self.max_steps:
+            t0 = time.time()
             result = evaluate(model, self.held, self.collator, self.eval_bs, self.bf16, self.task)
+            self.eval_seconds += time.time() - t0
             self.last_eval, self.last_eval_step = result, step
             self.recorder.eval_curve.append([step, result["loss"]])
             extra = f", accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
