@@ -113,6 +113,18 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    """PNG written under a temporary name, then renamed: a reader never sees half a plot."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def MaxNLocator(**kwargs):
     from matplotlib.ticker import MaxNLocator as _Locator
 
@@ -152,7 +164,7 @@ def plot_heatmap(ranks: dict[str, int], r0: Optional[int], path: Path) -> None:
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="rank", fraction=0.03, pad=0.01)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -176,7 +188,7 @@ def plot_rank_by_type(history: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -205,7 +217,7 @@ def plot_losses(metrics: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
 
 
