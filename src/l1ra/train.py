@@ -53,8 +53,8 @@ class TrainOptions:
     r: int = field(default=8, metadata={"help": "initial LoRA rank of every adapter; the rank budget is r x the number of adapters (default: 8)"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; each adapter is scaled by alpha / r (default: 16)"})
     target_modules: Optional[str] = field(default=None, metadata={"help": "comma-separated module names to adapt, or 'all-linear' (default: all-linear; query,key,value,dense for the sentiment preset)"})
-    l1ra_lambda: Optional[float] = field(default=None, metadata={"help": "L1 strength on the gates: each step every gate shrinks by (gate lr) x lambda (default: 1.0)"})
-    eta_c: Optional[float] = field(default=None, metadata={"help": "learning rate of the gates, on the same schedule (default: 5e-2)"})
+    l1ra_lambda: Optional[float] = field(default=None, metadata={"help": "L1 strength on the gates: each step every gate shrinks by (gate lr) x lambda (default: 0.5)"})
+    eta_c: Optional[float] = field(default=None, metadata={"help": "learning rate of the gates, on the same schedule (default: 0.1)"})
     update_every: Optional[float] = field(default=None, metadata={"help": "reallocate ranks every this fraction of the steps (<1) or every this many steps (>=1) (default: 0.1)"})
     seed: int = field(default=0, metadata={"help": "seed of the adapter init, data order and a user dataset's held-out split (default: 0; GSM8K's split is fixed)"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 autocast (default: on for the shipped LLM, off otherwise)"})
@@ -78,10 +78,10 @@ class TrainOptions:
 
 # The default run (SmolLM2-135M-Instruct on GSM8K): about 10 minutes on 2 CPU cores with bf16 autocast. The gate
 # settings make the L1 strong enough to zero unneeded gates within a short run (see the README for the evidence).
-LLM_DEFAULTS = dict(max_steps=80, batch_size=8, max_length=192, lr=2e-4, r=8, lora_alpha=16, l1ra_lambda=1.0,
-                    eta_c=5e-2)
+LLM_DEFAULTS = dict(max_steps=80, batch_size=8, max_length=192, lr=2e-4, r=8, lora_alpha=16, l1ra_lambda=0.5,
+                    eta_c=0.1)
 SENTIMENT_DEFAULTS = dict(max_steps=300, batch_size=32, max_length=64, lr=1e-3, r=8, lora_alpha=16,
-                          target_modules="query,key,value,dense", max_eval=872, l1ra_lambda=1.0, eta_c=5e-2)
+                          target_modules="query,key,value,dense", max_eval=872, l1ra_lambda=0.5, eta_c=0.1)
 
 
 def resolve_preset(opts: TrainOptions, explicit: set[str]) -> TrainOptions:
