@@ -227,3 +227,12 @@ def test_from_results_rerenders_an_interrupted_comparison(runs, tmp_path):
     assert compare.main(["--task", "tiny", "--from-results", str(src), "--output-dir", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| L1RA |" in md and "AdaLoRA" not in md.split("Targets")[0]
+
+
+def test_interleaved_step_timing_feeds_the_ratio_column(tmp_path):
+    specs = [spec(m, steps=4) for m in ("lora", "l1ra")]
+    results = compare.run_compare(specs, tmp_path, isolate=False, timing_steps=3, log=lambda m: None)
+    timing = results["step_timing"]["tiny"]["methods"]
+    assert len(timing["lora"]["step_times_s"]) == 3 and timing["lora"]["ratio_median"] == 1.0
+    assert results["summary"]["tiny"]["methods"]["l1ra"]["step_ratio"][0] == timing["l1ra"]["ratio_median"]
+    assert "side by side" in (tmp_path / "results.md").read_text()

@@ -132,11 +132,14 @@ def make_specs(args) -> list[RunSpec]:
 # ------------------------------------------------------------------------------------------------ running
 
 
-def run_isolated(spec: RunSpec, log_path: Path, timeout: Optional[float] = None) -> dict:
-    """Run one spec in a fresh `python -m l1ra.compare_run` process; its stdout/stderr go to `log_path`."""
+def run_isolated(spec, log_path: Path, timeout: Optional[float] = None) -> dict:
+    """Run one spec (or a list of specs: the interleaved step timing) in a fresh `python -m l1ra.compare_run`
+    process; its stdout/stderr go to `log_path`."""
+    specs = spec if isinstance(spec, list) else [spec]
     with tempfile.TemporaryDirectory(prefix="l1ra-compare-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec_path.write_text(json.dumps(spec.to_dict()))
+        spec_path.write_text(json.dumps([s.to_dict() for s in spec] if isinstance(spec, list) else spec.to_dict()))
+        spec = specs[0]
         env = dict(os.environ)
         env.update(
             HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -156,10 +159,12 @@ def run_isolated(spec: RunSpec, log_path: Path, timeout: Optional[float] = None)
 
 
 def run_compare(
-    specs: list[RunSpec], output_dir: Path, *, isolate: bool = True, command: str = "", log=print
+    specs: list[RunSpec], output_dir: Path, *, isolate: bool = True, command: str = "", log=print,
+    timing_steps: int = 0,
 ) -> dict:
-    """Run every spec (in order), writing `results.json` after each run, then `results.md` and the figure."""
-    from .compare_run import run_one
+    """Run every spec (in order), writing `results.json` after each run, then (with `timing_steps`) the interleaved
+    step timing of all methods in one process, then `results.md` and the figure."""
+    from .compare_run import interleaved_step_times, run_one
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -197,6 +202,24 @@ def run_compare(
             f"peak RSS {run['peak_rss_mb']:.0f} MiB ({time.perf_counter() - t0:.0f} s elapsed)"
         )
         _write_json(output_dir / "results.json", results)
+    if timing_steps and specs:
+        # Step time, second measurement: every method in one process, one step each in turn.
+        import dataclasses
+
+        seed = specs[0].seed
+        methods = ["lora"] + [m for m in dict.fromkeys(s.method for s in specs) if m != "lora"]
+        base = next(s for s in specs if s.seed == seed)
+        tspecs = [dataclasses.replace(base, method=m, steps=timing_steps + 1) for m in methods]
+        log(f"interleaved step timing: {', '.join(methods)}, {timing_steps} steps each, one process ...")
+        try:
+            timing = (run_isolated(tspecs, output_dir / "logs" / "step-timing.log") if isolate
+                      else interleaved_step_times(tspecs))
+            results["step_timing"] = {specs[0].task: timing}
+            log("interleaved step time / LoRA: " + ", ".join(
+                f"{m} {v['ratio_median']:.3f}" for m, v in timing["methods"].items()))
+        except Exception as exc:
+            results["failures"].append({"method": "step-timing", "seed": seed, "error": str(exc)})
+            log(f"interleaved step timing FAILED: {exc}")
     results["total_wall_s"] = time.perf_counter() - t0
     write_reports(results, output_dir, log=log)
     return results
@@ -205,7 +228,7 @@ def run_compare(
 def write_reports(results: dict, output_dir: Path, log=print) -> dict:
     """Summarise `results["runs"]` and (re)write results.json, results.md and one PNG per task."""
     output_dir = Path(output_dir)
-    results["summary"] = summarize(results["runs"])
+    results["summary"] = summarize(results["runs"], results.get("step_timing"))
     _write_json(output_dir / "results.json", results)
     (output_dir / "results.md").write_text(render_markdown(results))
     for task in results["summary"]:
@@ -249,9 +272,11 @@ def _mean_std(values: list) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(runs: list[dict]) -> dict:
-    """{task: {"methods": {method: figures}, "targets": {...}}}; ratios to LoRA are paired by seed."""
+def summarize(runs: list[dict], step_timing: Optional[dict] = None) -> dict:
+    """{task: {"methods": {method: figures}, "targets": {...}}}; ratios to LoRA are paired by seed. With
+    `step_timing` (the interleaved measurement), its per-step ratios are the step-time ratio used for the targets."""
     out = {}
+    step_timing = step_timing or {}
     for task in dict.fromkeys(r["task"] for r in runs):
         task_runs = [r for r in runs if r["task"] == task]
         lora = {r["seed"]: r for r in task_runs if r["method"] == "lora"}
@@ -286,6 +311,13 @@ def summarize(runs: list[dict]) -> dict:
                     t: statistics.fmean([r["rank_by_type"].get(t, 0.0) for r in mr]) for t in types
                 },
             }
+            timing = step_timing.get(task, {}).get("methods", {}).get(method)
+            if timing:
+                s["step_ratio_separate_runs"] = s["step_ratio"]
+                s["step_ratio"] = (timing["ratio_median"], _iqr_half(timing["ratios"]))
+                s["step_ratio_source"] = "interleaved"
+            else:
+                s["step_ratio_source"] = "separate runs"
             if "perplexity" in mr[0]["metrics"]:
                 s["perplexity"] = _mean_std([r["metrics"]["perplexity"] for r in mr])
             if method.startswith("l1ra"):
@@ -294,6 +326,14 @@ def summarize(runs: list[dict]) -> dict:
             methods[method] = s
         out[task] = {"methods": methods, "targets": check_targets(methods)}
     return out
+
+
+def _iqr_half(values: list) -> float:
+    """Half the interquartile range: the spread shown next to a median."""
+    if len(values) < 4:
+        return 0.0
+    q = statistics.quantiles(values, n=4)
+    return (q[2] - q[0]) / 2
 
 
 def check_targets(methods: dict) -> dict:
@@ -352,7 +392,12 @@ def render_markdown(results: dict) -> str:
             f"(linear warm-up {spec['warmup_ratio']:.0%}, cosine decay), rank budget r={spec['rank']} per module "
             f"(alpha {spec['lora_alpha']}, dropout {spec['lora_dropout']}), seeds "
             f"{sorted({r['seed'] for r in runs})}. Score: {first['score_name']} ({arrow}), mean ± std over seeds. "
-            "Ratios: per-seed median step time and peak RSS divided by LoRA's, averaged.",
+            + ("Step time / LoRA: median of per-step ratios (± half IQR) with every method trained side by side in "
+             "one process, one step each in turn"
+             if first.get("step_ratio_source") == "interleaved" else
+             "Step time / LoRA: per-seed median step time of the separate runs divided by LoRA's, averaged")
+            + "; memory / LoRA: per-seed peak RSS of each run's own process divided by LoRA's, averaged. "
+            "Median step (ms): from the separate runs.",
             "",
         ]
         score_col = f"{first['score_name']} ({'↑' if first['higher_is_better'] else '↓'})"
@@ -485,6 +530,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="L1RA reallocation interval: fraction of steps (<1) or a step count (default: L1RAConfig's)")
     p.add_argument("--prune-threshold", type=float, default=None, help="L1RA prune threshold (default: L1RAConfig's)")
     p.add_argument("--adalora-delta-t", type=int, default=1, help="AdaLoRA deltaT (PEFT default 1)")
+    p.add_argument("--timing-steps", type=int, default=None,
+                   help="steps of the interleaved step-time measurement (all methods in one process, one step each "
+                        "in turn; the step-time ratios come from it); 0 skips it (default: 20, 5 with --quick)")
     p.add_argument("--from-results", type=Path, default=None, metavar="RESULTS_JSON",
                    help="run nothing: rewrite results.md and the figures from the runs in this results.json "
                         "(e.g. of an interrupted comparison) into --output-dir")
@@ -519,8 +567,9 @@ def run_from_args(args, argv: Optional[Sequence[str]] = None) -> int:
     n_methods = len({s.method for s in specs})
     print(f"l1ra compare: task {args.task}, {n_methods} methods x {len({s.seed for s in specs})} seeds, "
           f"{specs[0].steps} steps each -> {output_dir}", flush=True)
+    timing_steps = args.timing_steps if args.timing_steps is not None else (5 if args.quick else 20)
     results = run_compare(specs, output_dir, isolate=not args.in_process, command=command,
-                          log=lambda msg: print(msg, flush=True))
+                          log=lambda msg: print(msg, flush=True), timing_steps=timing_steps)
     print((Path(output_dir) / "results.md").read_text())
     return 1 if results["failures"] else 0
 

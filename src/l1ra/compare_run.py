@@ -230,6 +230,57 @@ def by_module_type(ranks: dict) -> dict:
     return {t: sum(v) / len(v) for t, v in groups.items()}
 
 
+def train_step(pm, opt, sched, after_step, batch, step, max_grad_norm, autocast) -> tuple[float, float]:
+    """One optimizer step, identical for every method: (wall seconds, loss)."""
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = pm(**batch).loss
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_grad_norm)
+    opt.step()
+    after_step(step, opt)
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, float(loss.detach())
+
+
+def interleaved_step_times(specs: list, task=None) -> dict:
+    """Step times of several methods trained side by side in one process, one step of each in turn (order rotated
+    every step), so that a slow moment of a shared machine hits all of them. Returns, per method, the step times
+    (first step dropped: it allocates) and the median of the per-step ratios to the first spec's method (LoRA)."""
+    from .compare_tasks import build_task
+
+    first = specs[0]
+    torch.set_num_threads(first.threads)
+    if task is None:
+        task = build_task(first.task, first.max_length, first.eval_limit)
+    batches = task.train_batches(first.seed, first.steps, first.batch_size)
+    live = []
+    for spec in specs:
+        torch.manual_seed(spec.seed)
+        base = task.load_model()
+        torch.manual_seed(spec.seed)
+        pm, opt, after_step = wrap_model(spec.method, base, task, spec)
+        pm.train()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec.steps, spec.warmup_ratio))
+        live.append((spec, pm, opt, sched, after_step))
+    times = {spec.method: [] for spec in specs}
+    for step, batch in enumerate(batches, start=1):
+        shift = step % len(live)
+        for spec, pm, opt, sched, after_step in live[shift:] + live[:shift]:
+            seconds, _ = train_step(pm, opt, sched, after_step, batch, step, spec.max_grad_norm, task.bf16_autocast)
+            times[spec.method].append(seconds)
+    ref = times[first.method][1:]
+    out = {}
+    for method, ts in times.items():
+        ts = ts[1:]
+        ratios = [a / b for a, b in zip(ts, ref)]
+        out[method] = {"step_times_s": ts, "median_s": statistics.median(ts), "ratios": ratios,
+                       "ratio_median": statistics.median(ratios)}
+    return {"steps": first.steps, "seed": first.seed, "methods": out, "load_average": list(os.getloadavg())}
+
+
 def run_one(spec: RunSpec, task=None) -> dict:
     """Train `spec.method` on `spec.task` for `spec.steps` optimizer steps and measure it. Returns a JSON-able dict.
 
@@ -255,18 +306,9 @@ def run_one(spec: RunSpec, task=None) -> dict:
     load_start = os.getloadavg()[0]
     t_train = time.perf_counter()
     for step, batch in enumerate(batches, start=1):
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = pm(**batch).loss
-        loss.backward()
-        if spec.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], spec.max_grad_norm)
-        opt.step()
-        after_step(step, opt)
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step_times.append(time.perf_counter() - t0)
-        losses.append(float(loss.detach()))
+        seconds, loss = train_step(pm, opt, sched, after_step, batch, step, spec.max_grad_norm, autocast)
+        step_times.append(seconds)
+        losses.append(loss)
     train_s = time.perf_counter() - t_train
     peak = peak_rss_mb()
     t_eval = time.perf_counter()
@@ -337,8 +379,11 @@ def _worker_main(argv: list) -> int:
 
     spec_path, out_path = argv
     with open(spec_path) as f:
-        spec = RunSpec(**json.load(f))
-    result = run_one(spec)
+        payload = json.load(f)
+    if isinstance(payload, list):  # several specs: the interleaved step-time measurement
+        result = interleaved_step_times([RunSpec(**p) for p in payload])
+    else:
+        result = run_one(RunSpec(**payload))
     tmp = out_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)
