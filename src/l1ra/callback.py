@@ -7,8 +7,8 @@ import warnings
 from transformers import TrainerCallback
 
 from . import distributed
-from .model import adopt_loaded_params, after_optimizer_step, find_l1ra_model, gates
-from .optim import group_lr_of, unwrap_optimizer
+from .model import adopt_loaded_params, after_optimizer_step, find_l1ra_model, gate_learning_rates, gates
+from .optim import unwrap_optimizer
 
 
 class L1RACallback(TrainerCallback):
@@ -31,12 +31,9 @@ class L1RACallback(TrainerCallback):
         adopt_loaded_params(peft_model, optimizer)
         opt = unwrap_optimizer(optimizer)
         live = list(gates(peft_model).values())
-        lrs = group_lr_of(opt, live)
-        if any(lr is None for lr in lrs):
-            raise ValueError(
-                "the Trainer's optimizer does not hold the L1RA gates; pass "
-                "optimizers=(l1ra.create_optimizer(model, lr=args.learning_rate), None) to the Trainer."
-            )
+        gate_learning_rates(
+            peft_model, opt, fix="pass optimizers=(l1ra.create_optimizer(model, lr=args.learning_rate), None) to the Trainer"
+        )
         gate_ids = {id(g) for g in live}
         shared = [
             g for g in opt.param_groups if any(id(p) in gate_ids for p in g["params"])

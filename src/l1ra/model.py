@@ -252,18 +252,25 @@ def adopt_loaded_params(model: nn.Module, optimizer, *, strict: bool = False) ->
     return swapped
 
 
+def gate_learning_rates(
+    model: nn.Module,
+    optimizer,
+    fix: str = "build it with l1ra.create_optimizer(model, lr=...) or add list(l1ra.gates(model).values()) to a "
+    "param group",
+) -> list[float]:
+    """Current learning rate of each gate's param group; a clear error if the optimizer does not hold the gates."""
+    lrs = group_lr_of(optimizer, list(gates(model).values()))
+    if any(lr is None for lr in lrs):
+        raise ValueError(f"the optimizer does not hold the L1RA gates, so they would never train; {fix}.")
+    return [float(lr) for lr in lrs]
+
+
 def apply_l1_(model: nn.Module, optimizer) -> None:
     """Proximal L1 step on every gate, with `tau = (current lr of the gate's param group) * l1ra_lambda`."""
     peft_model = find_l1ra_model(model)
     lam = peft_model.l1ra_state.config.l1ra_lambda
-    live = list(gates(peft_model).values())
-    lrs = group_lr_of(optimizer, live)
-    if any(lr is None for lr in lrs):
-        raise ValueError(
-            "the optimizer does not hold the L1RA gates, so they would never train; build it with "
-            "l1ra.create_optimizer(model, lr=...) or add list(l1ra.gates(model).values()) to a param group."
-        )
-    shrink_gates_(live, [float(lr) * lam for lr in lrs])
+    lrs = gate_learning_rates(peft_model, optimizer)
+    shrink_gates_(list(gates(peft_model).values()), [lr * lam for lr in lrs])
 
 
 def after_optimizer_step(
