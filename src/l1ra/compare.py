@@ -302,6 +302,7 @@ def summarize(runs: list[dict], step_timing: Optional[dict] = None) -> dict:
                 "peak_rss_mb": _mean_std([r["peak_rss_mb"] for r in mr]),
                 "mem_ratio": _mean_std(mem_ratio),
                 "train_rss_growth_mb": _mean_std([r["train_rss_growth_mb"] for r in mr]),
+                "training_state_mb": _mean_std([r.get("training_state_mb") for r in mr]),
                 "growth_ratio": _mean_std(growth_ratio),
                 "train_wall_s": _mean_std([r["train_wall_s"] for r in mr]),
                 "trainable_params_end": _mean_std([r["trainable_params_end"] for r in mr]),
@@ -397,13 +398,14 @@ def render_markdown(results: dict) -> str:
              if first.get("step_ratio_source") == "interleaved" else
              "Step time / LoRA: per-seed median step time of the separate runs divided by LoRA's, averaged")
             + "; memory / LoRA: per-seed peak RSS of each run's own process divided by LoRA's, averaged. "
-            "Median step (ms): from the separate runs.",
+            "Median step (ms): from the separate runs. Training state: exact MiB of trainable weights, optimizer "
+            "state and AdaLoRA's importance statistics.",
             "",
         ]
         score_col = f"{first['score_name']} ({'↑' if first['higher_is_better'] else '↓'})"
         header = [
             "method", score_col, "median step (ms)", "step time / LoRA", "peak RSS (MiB)", "memory / LoRA",
-            "trainable params (effective)", "ranks moved",
+            "training state (MiB)", "trainable params (effective)", "ranks moved",
         ]
         has_ppl = "perplexity" in first
         if has_ppl:
@@ -417,6 +419,7 @@ def render_markdown(results: dict) -> str:
                 _fmt_pm(s["step_ratio"], 3),
                 _fmt_pm(s["peak_rss_mb"], 0),
                 _fmt_pm(s["mem_ratio"], 3),
+                _fmt_pm(s["training_state_mb"], 2),
                 _fmt_int(s["effective_params_end"][0])
                 + ("" if s["effective_params_end"][0] == s["trainable_params_end"][0]
                    else f" (of {_fmt_int(s['trainable_params_end'][0])} allocated)"),

@@ -222,6 +222,30 @@ def final_ranks(method: str, pm: nn.Module) -> tuple[dict, dict, int]:
     return allocated, effective, trainable_params(pm) - inactive_params
 
 
+def training_state_mb(pm: nn.Module, opt) -> float:
+    """MiB held for training beyond the frozen model: trainable parameters, optimizer state and (AdaLoRA) the
+    rank allocator's importance statistics. Gradients are freed after every step (`zero_grad(set_to_none=True)`)."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for p in pm.parameters():
+        if p.requires_grad:
+            add(p)
+    for state in opt.state.values():
+        for v in state.values():
+            add(v)
+    allocator = getattr(getattr(pm, "base_model", None), "rankallocator", None)
+    for name in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        for v in getattr(allocator, name, {}).values():
+            add(v)
+    return total / 2**20
+
+
 def by_module_type(ranks: dict) -> dict:
     """{module type: mean rank} over layers."""
     groups: dict[str, list] = {}
@@ -315,6 +339,7 @@ def run_one(spec: RunSpec, task=None) -> dict:
     metrics = task.evaluate(pm)
     eval_s = time.perf_counter() - t_eval
     allocated, effective, eff_params = final_ranks(spec.method, pm)
+    state_mb = training_state_mb(pm, opt)
     result = {
         "task": spec.task,
         "method": spec.method,
@@ -331,6 +356,9 @@ def run_one(spec: RunSpec, task=None) -> dict:
         "peak_rss_mb": peak,
         "rss_before_train_mb": rss_before,
         "train_rss_growth_mb": peak - rss_before,
+        # exact bytes of what the method keeps for training (trainable weights, optimizer state, AdaLoRA's
+        # importance statistics): deterministic, unlike the process RSS
+        "training_state_mb": state_mb,
         "trainable_params_start": params_start,
         "trainable_params_end": trainable_params(pm),
         "effective_params_end": eff_params,
