@@ -535,7 +535,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adalora-delta-t", type=int, default=1, help="AdaLoRA deltaT (PEFT default 1)")
     p.add_argument("--timing-steps", type=int, default=None,
                    help="steps of the interleaved step-time measurement (all methods in one process, one step each "
-                        "in turn; the step-time ratios come from it); 0 skips it (default: 20, 5 with --quick)")
+                        "in turn; the step-time ratios come from it); 0 skips it (default: 20, 3 with --quick)")
     p.add_argument("--from-results", type=Path, default=None, metavar="RESULTS_JSON",
                    help="run nothing: rewrite results.md and the figures from the runs in this results.json "
                         "(e.g. of an interrupted comparison) into --output-dir")
@@ -570,7 +570,7 @@ def run_from_args(args, argv: Optional[Sequence[str]] = None) -> int:
     n_methods = len({s.method for s in specs})
     print(f"l1ra compare: task {args.task}, {n_methods} methods x {len({s.seed for s in specs})} seeds, "
           f"{specs[0].steps} steps each -> {output_dir}", flush=True)
-    timing_steps = args.timing_steps if args.timing_steps is not None else (5 if args.quick else 20)
+    timing_steps = args.timing_steps if args.timing_steps is not None else (3 if args.quick else 20)
     results = run_compare(specs, output_dir, isolate=not args.in_process, command=command,
                           log=lambda msg: print(msg, flush=True), timing_steps=timing_steps)
     print((Path(output_dir) / "results.md").read_text())
