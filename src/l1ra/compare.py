@@ -475,10 +475,12 @@ def plot_task(results: dict, task: str, path: Path) -> None:
         ax1.annotate(s["label"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
     first = next(iter(summ.values()))
     ax1.axvline(1.0, color="grey", lw=0.8, ls=":")
-    ax1.set_xlabel("median step time / LoRA (per-seed ratio, mean ± std)")
+    interleaved = first.get("step_ratio_source") == "interleaved"
+    ax1.set_xlabel("step time / LoRA " + ("(interleaved, median ± half IQR)" if interleaved
+                                          else "(per-seed ratio of medians, mean ± std)"))
     ax1.set_ylabel(f"{first['score_name']} ({'higher' if first['higher_is_better'] else 'lower'} is better)")
     ax1.set_title(f"{task}: score vs cost")
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=8, loc="best")
     shown = [m for m in ("lora", "adalora", "l1ra", "l1ra_prune") if m in summ]
     types = sorted({t for m in shown for t in summ[m]["rank_by_type"]})
     width = 0.8 / max(1, len(shown))
@@ -489,7 +491,7 @@ def plot_task(results: dict, task: str, path: Path) -> None:
     ax2.set_xticklabels(types, rotation=30, ha="right", fontsize=8)
     ax2.set_ylabel("final effective rank (mean over layers, seeds)")
     ax2.set_title(f"{task}: rank per module type")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"l1ra compare, {results['date'][:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
