@@ -136,13 +136,12 @@ def plot_heatmap(ranks: dict[str, int], r0: Optional[int], path: Path) -> None:
     import numpy as np
 
     types = _types_sorted({_type_of(n) for n in ranks})
-    layers = sorted({_layer_of(n) for n in ranks if _layer_of(n) is not None})
-    if not layers:
-        layers = [0]
+    layers: list = sorted({_layer_of(n) for n in ranks if _layer_of(n) is not None})
+    if any(_layer_of(n) is None for n in ranks):
+        layers.append(None)  # modules outside the numbered blocks (e.g. BERT's pooler) get their own column
     grid = np.full((len(types), len(layers)), np.nan)
     for name, r in ranks.items():
-        li = _layer_of(name)
-        grid[types.index(_type_of(name)), layers.index(li if li is not None else 0)] = r
+        grid[types.index(_type_of(name)), layers.index(_layer_of(name))] = r
     width = min(16, max(6.5, 3 + 0.38 * len(layers)))
     fig, ax = plt.subplots(figsize=(width, 1.2 + 0.5 * len(types)), dpi=120)
     vmax = np.nanmax(grid)
@@ -150,7 +149,7 @@ def plot_heatmap(ranks: dict[str, int], r0: Optional[int], path: Path) -> None:
     kwargs = dict(vmin=0, vmax=2 * r0) if r0 and vmax <= 2 * r0 else dict(vmin=0, vmax=vmax)
     im = ax.imshow(grid, aspect="auto", cmap=cmap, **kwargs)
     ax.set_yticks(range(len(types)), types)
-    ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=8)
+    ax.set_xticks(range(len(layers)), ["other" if x is None else str(x) for x in layers], fontsize=8)
     ax.set_xlabel("layer")
     if len(layers) * len(types) <= 400:
         for i in range(len(types)):

