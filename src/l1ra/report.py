@@ -36,6 +36,8 @@ def _type_of(name: str) -> str:
             return "ffn.up.dense"
         if parts[-2] == "output":
             return "ffn.down.dense"
+    if parts[-1] == "dense" and len(parts) >= 2 and parts[-2] == "pooler":
+        return "pooler.dense"
     return parts[-1]
 
 
@@ -82,8 +84,8 @@ def summary_text(metrics: dict, history: Optional[dict]) -> str:
         first, last = events[0]["ranks"], events[-1]["ranks"]
         moved = sum(sum(e.get("added", {}).values()) for e in events)
         n_re = len(events) - 1
-        lines.append(f"ranks moved: {moved} of a budget of {history.get('budget', sum(first.values()))} "
-                     f"in {n_re} reallocation{'s' if n_re != 1 else ''}")
+        lines.append(f"ranks moved: {moved} in {n_re} reallocation{'s' if n_re != 1 else ''} "
+                     f"(budget {history.get('budget', sum(first.values()))} ranks)")
         t0, t1 = ranks_by_type(first), ranks_by_type(last)
         gained = [(t, t1[t] - t0[t]) for t in t1 if t1[t] - t0[t] > 1e-9]
         lost = [(t, t1[t] - t0[t]) for t in t1 if t1[t] - t0[t] < -1e-9]
