@@ -39,14 +39,14 @@ def _key(name: str, *parts: str) -> str:
 
 
 def folded_state_dict(peft_model, state_dict: Optional[dict] = None) -> dict:
-    """The model's state dict with every gate folded into its A (`diag(clamp(c)) A`) and the gates removed."""
+    """The model's state dict with every gate folded into its A (`diag(c) A`) and the gates removed."""
     st = peft_model.l1ra_state
     sd = dict(state_dict if state_dict is not None else peft_model.state_dict())
     for name, _ in st.layers:
         a_key, g_key = _key(name, "lora_A", st.adapter, "weight"), _key(name, "l1ra_gate", st.adapter)
         gate = sd.pop(g_key)
         a = sd[a_key]
-        sd[a_key] = a * gate.detach().clamp(0, 1).to(device=a.device, dtype=a.dtype).unsqueeze(1)
+        sd[a_key] = a * gate.detach().to(device=a.device, dtype=a.dtype).unsqueeze(1)
     return sd
 
 

@@ -2,7 +2,9 @@
 
 The gate of adapter `a` on a `peft.tuners.lora.LoraLayer` lives in `layer.l1ra_gate[a]` (a name without `lora_`, so
 PEFT's adapter state-dict filter never sees it). A forward hook on `layer.lora_A[a]` multiplies A's output by the
-gate clamped to [0, 1], which gives `delta = B diag(c) A x * scaling` without touching PEFT's forward.
+gate, which gives `delta = B diag(c) A x * scaling` without touching PEFT's forward. The gates stay in [0, 1] because
+the proximal step (`shrink_gates_`) projects them there after every optimizer step; clamping again in the forward
+would cost a little on every step for nothing.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ _LAYER_REF = "_l1ra_layer"  # back reference from lora_A[a] to its LoraLayer, ke
 
 
 class GateHook:
-    """Forward hook on `lora_A[adapter]`: scale A's output by the clamped gate. Picklable and deep-copyable."""
+    """Forward hook on `lora_A[adapter]`: scale A's output by the gate. Picklable and deep-copyable."""
 
     def __init__(self, adapter: str):
         self.adapter = adapter
 
     def __call__(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         gate = module.__dict__[_LAYER_REF].l1ra_gate[self.adapter]
-        return output * gate.clamp(0, 1).to(output.dtype)
+        return output * gate.to(output.dtype)
 
 
 def attach_gate(layer: LoraLayer, adapter: str) -> nn.Parameter:

@@ -187,12 +187,12 @@ def sync_lora_config(peft_model: PeftModel) -> None:
 
 @torch.no_grad()
 def fold_gates_(model: nn.Module) -> None:
-    """A <- diag(clamp(c)) A and c <- 1: same function, gates gone (for merging)."""
+    """A <- diag(c) A and c <- 1: same function, gates gone (for merging)."""
     st = find_l1ra_model(model).l1ra_state
     for _, layer in st.layers:
         gate = layer.l1ra_gate[st.adapter]
         weight = layer.lora_A[st.adapter].weight
-        weight.mul_(gate.clamp(0, 1).to(weight.dtype).unsqueeze(1))
+        weight.mul_(gate.to(weight.dtype).unsqueeze(1))
         gate.fill_(1.0)
 
 
