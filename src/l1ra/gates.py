@@ -10,8 +10,6 @@ would cost a little on every step for nothing.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterator
-
 import torch
 from torch import nn
 
@@ -47,26 +45,6 @@ def attach_gate(layer: LoraLayer, adapter: str) -> nn.Parameter:
     lora_A.__dict__[_LAYER_REF] = layer
     lora_A.register_forward_hook(GateHook(adapter))
     return gate
-
-
-def gated_layers(model: nn.Module, adapter: str) -> Iterator[tuple[str, LoraLayer]]:
-    """(name, layer) for every LoRA layer with an L1RA gate for `adapter`, in module order.
-
-    Names are relative to the wrapped transformers model (e.g. `model.layers.0.self_attn.q_proj`), the form that
-    PEFT's `rank_pattern` uses.
-    """
-    root = _inner_model(model)
-    for name, module in root.named_modules():
-        if isinstance(module, LoraLayer) and adapter in getattr(module, GATE_ATTR, {}):
-            yield name, module
-
-
-def _inner_model(model: nn.Module) -> nn.Module:
-    # PeftModel -> LoraModel -> the user's model; names relative to the latter match rank_pattern keys.
-    base = getattr(model, "base_model", None)
-    if isinstance(base, nn.Module) and isinstance(getattr(base, "model", None), nn.Module):
-        return base.model
-    return model
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from peft.tuners.lora import LoraLayer
 from . import distributed
 from .allocator import is_reallocation_step, plan_reallocation
 from .config import L1RAConfig
-from .gates import attach_gate, gated_layers, shrink_gates_
+from .gates import attach_gate, shrink_gates_
 from .history import RankHistory, ReallocationEvent
 from .optim import group_lr_of, param_groups, remap_optimizer
 from .resize import new_lora_A_rows, resize_adapter
@@ -32,7 +32,7 @@ class L1RAState:
     step: int = 0  # optimizer steps seen by after_optimizer_step
     reallocations: int = 0
     history: RankHistory = field(default_factory=RankHistory)
-    layers: list[tuple[str, LoraLayer]] = field(default_factory=list, repr=False)  # cached gated_layers()
+    layers: list[tuple[str, LoraLayer]] = field(default_factory=list, repr=False)  # (module name, LoraLayer) of every gated adapter
     # Parameters replaced when a checkpoint was loaded (old -> new), for an optimizer built before the load.
     replaced: dict = field(default_factory=dict, repr=False)
     setup_checked: bool = field(default=False, repr=False)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
+
+from .atomic import atomic_dir
 
 
 class ServeError(ValueError):
@@ -83,19 +82,9 @@ def merge(run_dir, out, model: Optional[str] = None, overwrite: bool = False) ->
         raise ServeError(f"--out {out}: exists and is not empty; pass --overwrite or choose another folder")
     peft_model, tokenizer, _ = load_tuned(run_dir, model)
     merged = peft_model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    try:
+    with atomic_dir(out) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -585,19 +585,11 @@ class _ListDataset:
 
 def save_adapter(model, tokenizer, target: Path) -> None:
     """Write the adapter folder under a temporary name, then swap it into place: never half-written."""
-    target = Path(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    try:
+    from .atomic import atomic_dir
+
+    with atomic_dir(target) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class Recorder:
