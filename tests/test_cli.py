@@ -156,7 +156,7 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--dataset", "--output-dir", "--max-steps", "--epochs", "--lr", "--batch-size",
                  "--grad-accum", "--max-length", "--r", "--lora-alpha", "--target-modules", "--l1ra-lambda",
-                 "--eta-c", "--update-every", "--seed", "--bf16", "--eval-steps", "--save-steps", "--resume",
+                 "--eta-c", "--update-every", "--l1-start", "--seed", "--bf16", "--eval-steps", "--save-steps", "--resume",
                  "--overwrite", "--preset", "--config"):
         assert flag in text, flag
 
@@ -200,12 +200,15 @@ def _bad(tmp_path, tiny_llm, qa_jsonl, case):
         return base + ["--config", str(tmp_path / "c.yaml")], "unknown key 'learning_rate'"
     if case == "bad l1ra value":
         return base + model + ds + ["--eta-c", "0"], "--eta-c 0.0 is invalid"
+    if case == "bad l1 start":
+        return base + model + ds + ["--l1-start=-1"], "--l1-start -1.0 is invalid"
     raise AssertionError(case)
 
 
 BAD_CASES = ["missing dataset", "unreadable dataset", "no usable text", "unknown column", "unknown format",
              "unrecognised columns", "model folder not a model", "target modules match nothing",
-             "output dir holds another run", "resume without checkpoint", "bad config key", "bad l1ra value"]
+             "output dir holds another run", "resume without checkpoint", "bad config key", "bad l1ra value",
+             "bad l1 start"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

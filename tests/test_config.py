@@ -16,6 +16,9 @@ BAD = [
     (dict(update_every=0.0), "update_every=0.0", "(0, 1]"),
     (dict(update_every=True), "update_every=True", "int >= 1"),
     (dict(update_every="10"), "update_every='10'", "int >= 1"),
+    (dict(l1_start=-1), "l1_start=-1", ">= 0"),
+    (dict(l1_start=1.0), "l1_start=1.0", "[0, 1)"),
+    (dict(l1_start="half"), "l1_start='half'", "int >= 0"),
     (dict(prune_threshold=-1e-3), "prune_threshold=-0.001", "[0, 1)"),
     (dict(prune_threshold=1.0), "prune_threshold=1.0", "[0, 1)"),
     (dict(min_rank=0), "min_rank=0", ">= 1"),
@@ -58,3 +61,11 @@ def test_interval_from_fraction_or_int():
     assert L1RAConfig(update_every=7).update_interval(None) == 7
     with pytest.raises(ValueError, match="total_steps"):
         L1RAConfig(update_every=0.1).update_interval(None)
+
+
+def test_l1_start_from_fraction_or_int():
+    assert L1RAConfig().l1_start_step(None) == 0  # the paper's method: L1 from the first step
+    assert L1RAConfig(l1_start=0.25).l1_start_step(200) == 50
+    assert L1RAConfig(l1_start=12).l1_start_step(None) == 12
+    with pytest.raises(ValueError, match=r"l1_start=0.25 .*total_steps"):
+        L1RAConfig(l1_start=0.25).l1_start_step(None)

@@ -183,6 +183,20 @@ def test_proximal_step_is_soft_threshold_then_box_with_the_gate_group_lr():
     assert model.l1ra_state.step == 3
 
 
+def test_l1_start_delays_the_penalty_but_keeps_the_box():
+    model = build("llama", l1ra_lambda=0.5, eta_c=0.1, l1_start=0.5, total_steps=4, update_every=100)
+    opt = l1ra.create_optimizer(model, lr=1e-3)
+    with torch.no_grad():
+        for gate in l1ra.gates(model).values():
+            gate.copy_(torch.tensor([1.5, 0.5, 0.03, -0.2]))
+    for _ in range(2):  # steps 1 and 2 of 4: no L1 yet, only the projection to [0, 1]
+        l1ra.after_optimizer_step(model, opt)
+    gate = next(iter(l1ra.gates(model).values()))
+    torch.testing.assert_close(gate.detach(), torch.tensor([1.0, 0.5, 0.03, 0.0]))
+    l1ra.after_optimizer_step(model, opt)  # step 3: tau = 0.1 * 0.5
+    torch.testing.assert_close(gate.detach(), torch.tensor([0.95, 0.45, 0.0, 0.0]))
+
+
 def test_optimizer_groups_give_gates_eta_c_and_no_weight_decay():
     model = build("bert", eta_c=0.03)
     opt = l1ra.create_optimizer(model, lr=1e-4, weight_decay=0.1)

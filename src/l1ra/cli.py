@@ -34,7 +34,8 @@ def _number(value: str) -> float:
 # flag -> (type, metavar); help texts come from TrainOptions' field metadata
 _TRAIN_TYPES = {
     "max_steps": int, "epochs": _number, "lr": _number, "batch_size": int, "grad_accum": int, "max_length": int,
-    "r": int, "lora_alpha": _number, "l1ra_lambda": _number, "eta_c": _number, "update_every": _number, "seed": int,
+    "r": int, "lora_alpha": _number, "l1ra_lambda": _number, "eta_c": _number, "update_every": _number,
+    "l1_start": _number, "seed": int,
     "eval_steps": int, "save_steps": int, "eval_fraction": _number, "max_eval": int,
 }
 
@@ -227,7 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             transformers.logging.disable_progress_bar()
             import datasets
 
-            datasets.logging.set_verbosity_error()
+            # datasets logs its own ERROR line before raising on a bad file; the CLI's one-line error says it
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)
             datasets.disable_progress_bars()
         except ImportError:
             pass

@@ -123,6 +123,7 @@ def make_specs(args) -> list[RunSpec]:
         l1ra_lambda=args.l1ra_lambda,
         eta_c=args.eta_c,
         update_every=args.update_every,
+        l1_start=args.l1_start,
         prune_threshold=args.prune_threshold,
         adalora_delta_t=args.adalora_delta_t,
     )
@@ -533,6 +534,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta-c", type=float, default=None, help="L1RA gate learning rate (default: L1RAConfig's)")
     p.add_argument("--update-every", type=float, default=None,
                    help="L1RA reallocation interval: fraction of steps (<1) or a step count (default: L1RAConfig's)")
+    p.add_argument("--l1-start", type=float, default=None,
+                   help="L1RA: start the L1 penalty after this fraction of the steps (<1) or this many steps (>=1) "
+                   "(default: L1RAConfig's)")
     p.add_argument("--prune-threshold", type=float, default=None, help="L1RA prune threshold (default: L1RAConfig's)")
     p.add_argument("--adalora-delta-t", type=int, default=1, help="AdaLoRA deltaT (PEFT default 1)")
     p.add_argument("--timing-steps", type=int, default=None,

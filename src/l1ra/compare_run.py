@@ -50,6 +50,7 @@ class RunSpec:
     l1ra_lambda: Optional[float] = None
     eta_c: Optional[float] = None
     update_every: Optional[float] = None
+    l1_start: Optional[float] = None
     prune_threshold: Optional[float] = None
     # AdaLoRA
     adalora_init_ratio: float = 1.5
@@ -169,11 +170,12 @@ def wrap_model(method: str, model: nn.Module, task, spec: RunSpec):
     elif method in ("l1ra", "l1ra_prune"):
         extra = {
             k: getattr(spec, k)
-            for k in ("l1ra_lambda", "eta_c", "update_every", "prune_threshold")
+            for k in ("l1ra_lambda", "eta_c", "update_every", "l1_start", "prune_threshold")
             if getattr(spec, k) is not None
         }
-        if "update_every" in extra and float(extra["update_every"]).is_integer() and extra["update_every"] >= 1:
-            extra["update_every"] = int(extra["update_every"])
+        for k in ("update_every", "l1_start"):  # >= 1 is a step count
+            if k in extra and float(extra[k]).is_integer() and extra[k] >= 1:
+                extra[k] = int(extra[k])
         cfg = L1RAConfig(**common, reassign=method == "l1ra", seed=spec.seed, total_steps=spec.steps, **extra)
         pm = l1ra_model.get_l1ra_model(model, cfg)
         opt = l1ra_model.create_optimizer(pm, lr=spec.lr, weight_decay=spec.weight_decay)

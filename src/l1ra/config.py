@@ -15,6 +15,7 @@ L1RA_FIELDS = (
     "l1ra_lambda",
     "eta_c",
     "update_every",
+    "l1_start",
     "prune_threshold",
     "min_rank",
     "max_rank",
@@ -48,6 +49,15 @@ class L1RAConfig(LoraConfig):
         metadata={
             "help": "How often ranks are reallocated: a float in (0, 1] is a fraction of the total optimizer steps, "
             "an int is a number of optimizer steps."
+        },
+    )
+    l1_start: Union[float, int] = field(
+        default=0.0,
+        metadata={
+            "help": "When the L1 penalty starts: a float in [0, 1) is a fraction of the total optimizer steps, an int "
+            "a number of steps. 0 applies it from the first step, as the paper does. A later start lets the adapters "
+            "learn first: while LoRA's B is still zero the gates get no gradient, so an early L1 shrinks every gate "
+            "alike (like AdaLoRA's `tinit`)."
         },
     )
     prune_threshold: float = field(
@@ -107,6 +117,18 @@ class L1RAConfig(LoraConfig):
                 )
         else:
             fail("update_every", self.update_every, "use a float in (0, 1] or an int >= 1.")
+        if is_int(self.l1_start):
+            if self.l1_start < 0:
+                fail("l1_start", self.l1_start, "an integer start must be >= 0 optimizer steps.")
+        elif is_real(self.l1_start):
+            if not (0 <= self.l1_start < 1):
+                fail(
+                    "l1_start",
+                    self.l1_start,
+                    "a float is a fraction of the total steps and must be in [0, 1); use an int for a step count.",
+                )
+        else:
+            fail("l1_start", self.l1_start, "use a float in [0, 1) or an int >= 0.")
         if not is_real(self.prune_threshold) or not (0 <= self.prune_threshold < 1):
             fail("prune_threshold", self.prune_threshold, "use a number in [0, 1); 0 prunes only gates that are exactly 0.")
         if not is_int(self.min_rank) or self.min_rank < 1:
@@ -154,3 +176,16 @@ class L1RAConfig(LoraConfig):
                 "update_every."
             )
         return max(1, round(self.update_every * total_steps))
+
+    def l1_start_step(self, total_steps: Optional[int]) -> int:
+        """Optimizer steps taken without the L1 penalty (it applies from step `l1_start_step + 1` on)."""
+        if isinstance(self.l1_start, numbers.Integral):
+            return int(self.l1_start)
+        if self.l1_start == 0:
+            return 0
+        if total_steps is None:
+            raise ValueError(
+                f"L1RAConfig.l1_start={self.l1_start!r} is a fraction of the total steps, but the total is unknown: "
+                "set L1RAConfig(total_steps=...) (or l1ra.set_total_steps(model, n)), or use an integer l1_start."
+            )
+        return round(self.l1_start * total_steps)

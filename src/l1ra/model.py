@@ -265,10 +265,11 @@ def gate_learning_rates(
     return [float(lr) for lr in lrs]
 
 
-def apply_l1_(model: nn.Module, optimizer) -> None:
-    """Proximal L1 step on every gate, with `tau = (current lr of the gate's param group) * l1ra_lambda`."""
+def apply_l1_(model: nn.Module, optimizer, l1ra_lambda: Optional[float] = None) -> None:
+    """Proximal L1 step on every gate, with `tau = (current lr of the gate's param group) * l1ra_lambda`
+    (default: the config's), then the projection to [0, 1]."""
     peft_model = find_l1ra_model(model)
-    lam = peft_model.l1ra_state.config.l1ra_lambda
+    lam = peft_model.l1ra_state.config.l1ra_lambda if l1ra_lambda is None else l1ra_lambda
     lrs = gate_learning_rates(peft_model, optimizer)
     shrink_gates_(list(gates(peft_model).values()), [lr * lam for lr in lrs])
 
@@ -285,15 +286,17 @@ def after_optimizer_step(
     peft_model = find_l1ra_model(model)
     st = peft_model.l1ra_state
     interval = st.config.update_interval(st.total_steps)  # raises before any state changes
+    l1_start = st.config.l1_start_step(st.total_steps)
     if not st.setup_checked:
         distributed.check_not_sharded(model, optimizer)
         adopt_loaded_params(peft_model, optimizer, strict=True)
         st.setup_checked = True
     if optimizer_step_skipped is None:
         optimizer_step_skipped = bool(getattr(optimizer, "step_was_skipped", False))
-    if not optimizer_step_skipped:
-        apply_l1_(peft_model, optimizer)
-    st.step = int(step) if step is not None else st.step + 1
+    step = int(step) if step is not None else st.step + 1
+    if not optimizer_step_skipped:  # before l1_start: only the projection to [0, 1]
+        apply_l1_(peft_model, optimizer, None if step > l1_start else 0.0)
+    st.step = step
     if is_reallocation_step(st.step, interval, st.total_steps):
         return reallocate(model, optimizer)
     return None

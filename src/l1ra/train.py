@@ -56,6 +56,7 @@ class TrainOptions:
     l1ra_lambda: Optional[float] = field(default=None, metadata={"help": "L1 strength on the gates: each step every gate shrinks by (gate lr) x lambda (default: 0.5)"})
     eta_c: Optional[float] = field(default=None, metadata={"help": "learning rate of the gates, on the same schedule (default: 0.1)"})
     update_every: Optional[float] = field(default=None, metadata={"help": "reallocate ranks every this fraction of the steps (<1) or every this many steps (>=1) (default: 0.1)"})
+    l1_start: Optional[float] = field(default=None, metadata={"help": "start the L1 penalty after this fraction of the steps (<1) or this many steps (>=1) (default: 0, from the first step)"})
     seed: int = field(default=0, metadata={"help": "seed of the adapter init, data order and a user dataset's held-out split (default: 0; GSM8K's split is fixed)"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 autocast (default: on for the shipped LLM, off otherwise)"})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "evaluate on the held-out set every N steps (default: at half time and at the end)"})
@@ -402,8 +403,10 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     for key in ("l1ra_lambda", "eta_c"):
         if getattr(opts, key) is not None:
             cfg_kwargs[key] = getattr(opts, key)
-    if opts.update_every is not None:
-        cfg_kwargs["update_every"] = int(opts.update_every) if opts.update_every >= 1 else float(opts.update_every)
+    for key in ("update_every", "l1_start"):  # >= 1 is a step count, below a fraction of the run
+        value = getattr(opts, key)
+        if value is not None:
+            cfg_kwargs[key] = int(value) if value >= 1 else float(value)
     try:
         config = l1ra.L1RAConfig(**cfg_kwargs)
     except ValueError as err:
