@@ -155,6 +155,7 @@ def test_summary_markdown_and_figure(runs, tmp_path):
                "machine": compare.machine_info(2), "memory_method": "test", "summary": {"tiny": summary}}
     md = compare.render_markdown(results)
     assert "| LoRA |" in md and "| AdaLoRA |" in md and "| L1RA prune-only |" in md and "Targets" in md
+    assert "L1RA: lambda 10, eta_c 0.05, L1 from step 1, reallocation every 3 steps." in md
     compare.plot_task(results, "tiny", tmp_path / "tiny.png")
     assert (tmp_path / "tiny.png").stat().st_size > 1000
 
@@ -189,6 +190,18 @@ def test_make_specs_rejects_a_run_without_lora():
     specs = compare.make_specs(args)
     assert {s.method for s in specs} == {"lora", "adalora", "l1ra", "l1ra_prune", "dora"}
     assert {s.seed for s in specs} == {0}
+
+
+def test_l1ra_short_run_settings_apply_unless_a_flag_overrides():
+    from l1ra.compare_tasks import SHORT_RUN_L1RA
+
+    p = argparse.ArgumentParser()
+    compare.add_arguments(p)
+    (spec_default,) = [s for s in compare.make_specs(p.parse_args(["--task", "tiny", "--quick"])) if s.method == "l1ra"]
+    assert {k: getattr(spec_default, k) for k in SHORT_RUN_L1RA} == SHORT_RUN_L1RA
+    args = p.parse_args(["--task", "tiny", "--quick", "--l1ra-lambda", "0.1", "--eta-c", "0.02", "--l1-start", "0"])
+    (paper,) = [s for s in compare.make_specs(args) if s.method == "l1ra"]
+    assert (paper.l1ra_lambda, paper.eta_c, paper.l1_start) == (0.1, 0.02, 0.0)
 
 
 def test_first_step_is_identical_for_lora_and_l1ra_even_with_a_fresh_head():

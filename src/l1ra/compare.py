@@ -120,10 +120,10 @@ def make_specs(args) -> list[RunSpec]:
         warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm,
         threads=args.threads,
-        l1ra_lambda=args.l1ra_lambda,
-        eta_c=args.eta_c,
+        l1ra_lambda=args.l1ra_lambda if args.l1ra_lambda is not None else d.l1ra.get("l1ra_lambda"),
+        eta_c=args.eta_c if args.eta_c is not None else d.l1ra.get("eta_c"),
         update_every=args.update_every,
-        l1_start=args.l1_start,
+        l1_start=args.l1_start if args.l1_start is not None else d.l1ra.get("l1_start"),
         prune_threshold=args.prune_threshold,
         adalora_delta_t=args.adalora_delta_t,
     )
@@ -371,6 +371,17 @@ def _fmt_int(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _l1ra_settings(runs: list) -> str:
+    cfg = next((r["l1ra"]["config"] for r in runs if "l1ra" in r), None)
+    if cfg is None:
+        return ""
+    start = cfg.get("l1_start", 0)
+    return (f" L1RA: lambda {cfg['l1ra_lambda']:g}, eta_c {cfg['eta_c']:g}, L1 from "
+            + (f"{start:.0%} of the steps" if isinstance(start, float) and 0 < start < 1 else f"step {int(start) + 1}")
+            + f", reallocation every {cfg['update_every']:g}" + (" of the steps" if cfg["update_every"] < 1 else " steps")
+            + ".")
+
+
 def render_markdown(results: dict) -> str:
     lines = ["# l1ra compare", ""]
     if results.get("command"):
@@ -400,7 +411,7 @@ def render_markdown(results: dict) -> str:
              "Step time / LoRA: per-seed median step time of the separate runs divided by LoRA's, averaged")
             + "; memory / LoRA: per-seed peak RSS of each run's own process divided by LoRA's, averaged. "
             "Median step (ms): from the separate runs. Training state: exact MiB of trainable weights, optimizer "
-            "state and AdaLoRA's importance statistics.",
+            "state and AdaLoRA's importance statistics." + _l1ra_settings(runs),
             "",
         ]
         score_col = f"{first['score_name']} ({'↑' if first['higher_is_better'] else '↓'})"
@@ -530,13 +541,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run (default 1: on a shared machine, more threads make step times "
                         "erratic because OpenMP threads wait for each other; use the core count on a quiet machine)")
-    p.add_argument("--l1ra-lambda", type=float, default=None, help="L1RA L1 strength (default: L1RAConfig's)")
-    p.add_argument("--eta-c", type=float, default=None, help="L1RA gate learning rate (default: L1RAConfig's)")
+    p.add_argument("--l1ra-lambda", type=float, default=None, help="L1RA L1 strength (default: 0.2, the short-run setting; "
+                   "the library's L1RAConfig default is 0.1)")
+    p.add_argument("--eta-c", type=float, default=None, help="L1RA gate learning rate (default: 0.1; L1RAConfig's is "
+                   "2e-2)")
     p.add_argument("--update-every", type=float, default=None,
                    help="L1RA reallocation interval: fraction of steps (<1) or a step count (default: L1RAConfig's)")
     p.add_argument("--l1-start", type=float, default=None,
                    help="L1RA: start the L1 penalty after this fraction of the steps (<1) or this many steps (>=1) "
-                   "(default: L1RAConfig's)")
+                   "(default: 0.25; L1RAConfig's is 0, the paper's method)")
     p.add_argument("--prune-threshold", type=float, default=None, help="L1RA prune threshold (default: L1RAConfig's)")
     p.add_argument("--adalora-delta-t", type=int, default=1, help="AdaLoRA deltaT (PEFT default 1)")
     p.add_argument("--timing-steps", type=int, default=None,

@@ -38,7 +38,13 @@ class TaskDefaults:
     seeds: int
     max_length: int
     eval_limit: Optional[int]  # None: the whole evaluation split
+    # L1RA's settings in these short runs (flags override). The library's defaults (lambda 0.1, eta_c 2e-2, L1 from
+    # step 1) shrink a gate by at most 2e-3 per step, so no rank moves in a few hundred steps; these move rank while
+    # the adapters learn first. Sweep: benchmarks/l1ra_sweep.py (README, "l1ra compare").
+    l1ra: dict = field(default_factory=lambda: dict(SHORT_RUN_L1RA))
 
+
+SHORT_RUN_L1RA = {"l1ra_lambda": 0.2, "eta_c": 0.1, "l1_start": 0.25}
 
 # Full runs and `--quick` smoke runs per task; quick finishes under 15 minutes on 2 shared cores. Expected full-run
 # durations with 1 thread on a shared 2-core machine: sentiment ~2.5 min per run (12 runs, ~30 min); gsm8k
