@@ -378,7 +378,8 @@ def _l1ra_settings(runs: list) -> str:
     start = cfg.get("l1_start", 0)
     return (f" L1RA: lambda {cfg['l1ra_lambda']:g}, eta_c {cfg['eta_c']:g}, L1 from "
             + (f"{start:.0%} of the steps" if isinstance(start, float) and 0 < start < 1 else f"step {int(start) + 1}")
-            + f", reallocation every {cfg['update_every']:g}" + (" of the steps" if cfg["update_every"] < 1 else " steps")
+            + ", reallocation every "
+            + (f"{cfg['update_every']:.0%} of the steps" if cfg["update_every"] < 1 else f"{cfg['update_every']:g} steps")
             + ".")
 
 
