@@ -379,7 +379,8 @@ def _l1ra_settings(runs: list) -> str:
     return (f" L1RA: lambda {cfg['l1ra_lambda']:g}, eta_c {cfg['eta_c']:g}, L1 from "
             + (f"{start:.0%} of the steps" if isinstance(start, float) and 0 < start < 1 else f"step {int(start) + 1}")
             + ", reallocation every "
-            + (f"{cfg['update_every']:.0%} of the steps" if cfg["update_every"] < 1 else f"{cfg['update_every']:g} steps")
+            + (f"{cfg['update_every']:.0%} of the steps" if isinstance(cfg["update_every"], float)
+               else f"{cfg['update_every']} steps")
             + ".")
 
 
