@@ -7,7 +7,7 @@ from transformers import Trainer, TrainingArguments
 
 import l1ra
 
-from conftest import VOCAB, make_model
+from conftest import VOCAB
 from test_core import build
 
 
