@@ -11,8 +11,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from l1ra.compare_run import RunSpec, lr_lambda, wrap_model
-from l1ra.compare_tasks import build_task
+from l1ra.app.compare_run import RunSpec, lr_lambda, wrap_model
+from l1ra.app.compare_tasks import build_task
 
 
 def main() -> None:

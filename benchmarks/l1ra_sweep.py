@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from l1ra.compare import make_specs, add_arguments
-from l1ra.compare_run import run_one
-from l1ra.compare_tasks import build_task
+from l1ra.app.compare import make_specs, add_arguments
+from l1ra.app.compare_run import run_one
+from l1ra.app.compare_tasks import build_task
 
 
 def parse_config(text: str) -> dict:

@@ -27,7 +27,7 @@ sys.path.insert(0, "src")
 def load(name: str, device):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from l1ra import assets
+    from l1ra.app import assets
 
     if name == "minilm":
         path = assets.minilm_dir()

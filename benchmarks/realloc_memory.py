@@ -20,8 +20,8 @@ import sys
 def one(method: str, autocast: bool, steps: int) -> dict:
     import torch
 
-    from l1ra.compare_run import RunSpec, lr_lambda, rss_mb, train_step, wrap_model
-    from l1ra.compare_tasks import build_task
+    from l1ra.app.compare_run import RunSpec, lr_lambda, rss_mb, train_step, wrap_model
+    from l1ra.app.compare_tasks import build_task
 
     torch.set_num_threads(1)
     task = build_task("sentiment", 64, 50)

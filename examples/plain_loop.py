@@ -1,7 +1,8 @@
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import l1ra
+from l1ra.app.assets import smollm2_dir  # the offline model of l1ra's application
 
-path = l1ra.assets.smollm2_dir()  # offline SmolLM2-135M-Instruct; or any hub id / local folder
+path = smollm2_dir()  # offline SmolLM2-135M-Instruct; or any hub id / local folder
 tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
 model = l1ra.get_l1ra_model(model, l1ra.L1RAConfig(r=8, target_modules="all-linear", update_every=2))
 opt = l1ra.create_optimizer(model, lr=2e-4)  # gates get their own lr (eta_c), no weight decay

@@ -1,8 +1,9 @@
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 import l1ra
+from l1ra.app.assets import smollm2_dir  # the offline model of l1ra's application
 
-path = l1ra.assets.smollm2_dir()  # or any hub id / local folder
+path = smollm2_dir()  # or any hub id / local folder
 tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
 model = l1ra.get_l1ra_model(model, l1ra.L1RAConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
 ids = tok(["Q: 2+3? A: 5", "Q: 4*2? A: 8"] * 2)["input_ids"]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import l1ra
-from l1ra import export
+from l1ra import checkpoint as export
 from conftest import make_model
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from l1ra.cli import main
+from l1ra.app.cli import main
 from test_data import make_tokenizer
 
 TRAIN_FLAGS = ["--max-steps", "4", "--batch-size", "2", "--max-length", "48", "--eval-steps", "2",
@@ -265,7 +265,7 @@ def test_sentiment_preset_smoke(tmp_path, capsys):
 def test_progress_live_bar_and_plain_lines():
     import io
 
-    from l1ra.progress import Progress
+    from l1ra.app.progress import Progress
 
     live = io.StringIO()
     bar = Progress(10, live=True, stream=live)

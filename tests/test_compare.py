@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from l1ra import compare
-from l1ra.compare_run import RunSpec, by_module_type, lr_lambda, module_type, run_one, wrap_model
-from l1ra.compare_tasks import build_task
+from l1ra.app import compare
+from l1ra.app.compare_run import RunSpec, lr_lambda, run_one, wrap_model
+from l1ra.history import mean_rank_by_type as by_module_type, module_type
+from l1ra.app.compare_tasks import build_task
 
 STEPS = 10
 
@@ -161,7 +162,7 @@ def test_summary_markdown_and_figure(runs, tmp_path):
 
 
 def test_cli_end_to_end_in_process(tmp_path):
-    from l1ra import cli
+    from l1ra.app import cli
 
     out = tmp_path / "cmp"
     code = cli.main(["compare", "--task", "tiny", "--in-process", "--steps", "4", "--seeds", "2",
@@ -193,7 +194,7 @@ def test_make_specs_rejects_a_run_without_lora():
 
 
 def test_l1ra_short_run_settings_apply_unless_a_flag_overrides():
-    from l1ra.compare_tasks import SHORT_RUN_L1RA
+    from l1ra.app.compare_tasks import SHORT_RUN_L1RA
 
     p = argparse.ArgumentParser()
     compare.add_arguments(p)
@@ -209,7 +210,7 @@ def test_first_step_is_identical_for_lora_and_l1ra_even_with_a_fresh_head():
     # dropout stream give the same loss. A model whose head is drawn at load time (like MiniLM + classifier).
     from transformers import BertConfig, BertForSequenceClassification
 
-    from l1ra.compare_tasks import Task, _shuffled_batches
+    from l1ra.app.compare_tasks import Task, _shuffled_batches
 
     cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=48, max_position_embeddings=32, num_labels=2)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from l1ra import data
-from l1ra.assets import AssetError, package_dir
+from l1ra.app import data
+from l1ra.app.assets import AssetError, package_dir
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"

@@ -96,7 +96,7 @@ def test_save_is_atomic_a_failed_save_leaves_the_previous_files(tmp_path, monkey
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     train_steps(model, make_batch("llama"), 1, l1ra.create_optimizer(model, lr=1e-2), hook=False)
 
-    import l1ra.export as export
+    import l1ra.checkpoint as export
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

@@ -2,7 +2,7 @@
 
 from .allocator import AdapterPlan, plan_reallocation
 from .config import L1RAConfig
-from .export import CheckpointError, from_pretrained
+from .checkpoint import CheckpointError, from_pretrained
 from .history import RankHistory, ReallocationEvent
 from .model import (
     after_optimizer_step,
@@ -20,15 +20,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # The callback imports transformers' Trainer machinery and `assets` the offline model packages: load on demand.
+    # The callback imports transformers' Trainer machinery: load it on demand.
     if name == "L1RACallback":
         from .callback import L1RACallback
 
         return L1RACallback
-    if name == "assets":
-        import importlib
-
-        return importlib.import_module(".assets", __name__)
     raise AttributeError(f"module 'l1ra' has no attribute {name!r}")
 
 

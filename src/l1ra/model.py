@@ -44,17 +44,17 @@ class L1RAState:
 
 class L1RAModelMixin:
     """Mixed into PEFT's own `PeftModel` classes: the model stays a `peft.PeftModel` (and e.g. a
-    `PeftModelForCausalLM`), and saving writes a plain PEFT LoRA adapter. See `l1ra.export`."""
+    `PeftModelForCausalLM`), and saving writes a plain PEFT LoRA adapter. See `l1ra.checkpoint`."""
 
     l1ra_state: L1RAState
 
     def save_pretrained(self, save_directory, **kwargs):
-        from .export import save_l1ra
+        from .checkpoint import save_l1ra
 
         save_l1ra(self, save_directory, super_save=super().save_pretrained, **kwargs)
 
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
-        from .export import load_into
+        from .checkpoint import load_into
 
         if adapter_name == self.l1ra_state.adapter:
             return load_into(self, model_id)

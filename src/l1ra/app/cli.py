@@ -1,4 +1,4 @@
-"""`l1ra` command line: train, report, merge, generate (and compare, when `l1ra.compare` is installed)."""
+"""`l1ra` command line: train, report, merge, generate (and compare, when `l1ra.app.compare` is installed)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ _TRAIN_TYPES = {
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    from .train import DEFAULT_OUTPUT_DIR, TrainOptions
+    from .options import DEFAULT_OUTPUT_DIR, TrainOptions
 
     p = subparsers.add_parser(
         "train", help="fine-tune a model with L1RA (no arguments: SmolLM2-135M-Instruct on GSM8K, offline)",
@@ -72,7 +72,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def load_config_file(path: str) -> dict:
-    from .train import TrainOptions
+    from .options import TrainOptions
 
     file = Path(path)
     if not file.is_file():
@@ -103,7 +103,8 @@ def load_config_file(path: str) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainOptions, run_train
+    from .options import TrainOptions
+    from .train import run_train
 
     values = load_config_file(args.config) if args.config else {}
     if values.get("target_modules") is not None and isinstance(values["target_modules"], list):
@@ -179,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     # `l1ra compare` lives in its own module; add it when it is there.
-    if importlib.util.find_spec("l1ra.compare") is not None:
+    if importlib.util.find_spec("l1ra.app.compare") is not None:
         try:
-            importlib.import_module("l1ra.compare").add_parser(sub)
+            importlib.import_module("l1ra.app.compare").add_parser(sub)
         except Exception as err:  # a broken optional command must not take the others down
             print(f"l1ra: warning: the compare command is unavailable ({err})", file=sys.stderr)
     return parser
@@ -190,12 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _known_errors() -> tuple[type, ...]:
     from .assets import AssetError
     from .data import DataError
-    from .export import CheckpointError
+    from ..checkpoint import CheckpointError
     from .report import ReportError
 
     errors = [UserError, AssetError, DataError, CheckpointError, ReportError]
     try:
-        from .train import RunError
+        from .options import RunError
 
         errors.append(RunError)
     except ImportError:

@@ -23,6 +23,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..atomic import atomic_write_json
+from ..history import mean_rank_by_type
+
 METHODS = ("lora", "adalora", "l1ra", "l1ra_prune", "dora")
 DEFAULT_METHODS = ("lora", "adalora", "l1ra", "l1ra_prune")
 
@@ -80,14 +83,6 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if os.uname().sysname == "Darwin" else peak / 1024
 
 
-def module_type(name: str) -> str:
-    """'bert.encoder.layer.3.attention.self.query' -> 'attention.self.query'; 'model.layers.0.mlp.up_proj' ->
-    'mlp.up_proj': the path after the layer index, which tells apart BERT's three `dense` layers."""
-    parts = name.split(".")
-    idx = [i for i, p in enumerate(parts) if p.isdigit()]
-    return ".".join(parts[idx[-1] + 1 :]) if idx else parts[-1]
-
-
 def lr_lambda(steps: int, warmup_ratio: float):
     """Linear warm-up over `warmup_ratio` of the steps, then cosine decay to 0: the schedule of every method."""
     warmup = max(1, round(warmup_ratio * steps)) if warmup_ratio > 0 else 0
@@ -131,8 +126,8 @@ def wrap_model(method: str, model: nn.Module, task, spec: RunSpec):
     """PEFT/L1RA model, optimizer and the per-step hook `after_step(step)` for `method`."""
     import peft
 
-    from . import model as l1ra_model
-    from .config import L1RAConfig
+    from .. import model as l1ra_model
+    from ..config import L1RAConfig
 
     common = dict(
         r=spec.rank,
@@ -248,14 +243,6 @@ def training_state_mb(pm: nn.Module, opt) -> float:
     return total / 2**20
 
 
-def by_module_type(ranks: dict) -> dict:
-    """{module type: mean rank} over layers."""
-    groups: dict[str, list] = {}
-    for name, r in ranks.items():
-        groups.setdefault(module_type(name), []).append(r)
-    return {t: sum(v) / len(v) for t, v in groups.items()}
-
-
 def train_step(pm, opt, sched, after_step, batch, step, max_grad_norm, autocast) -> tuple[float, float]:
     """One optimizer step, identical for every method: (wall seconds, loss)."""
     t0 = time.perf_counter()
@@ -366,7 +353,7 @@ def run_one(spec: RunSpec, task=None) -> dict:
         "effective_params_end": eff_params,
         "ranks_allocated": allocated,
         "ranks_effective": effective,
-        "rank_by_type": by_module_type(effective),
+        "rank_by_type": mean_rank_by_type(effective),
         "total_rank_effective": sum(effective.values()),
         "train_losses": losses,
         "spec": spec.to_dict(),
@@ -375,7 +362,7 @@ def run_one(spec: RunSpec, task=None) -> dict:
         "load_average": [load_start, os.getloadavg()[0]],
     }
     if spec.method in ("l1ra", "l1ra_prune"):
-        from .model import find_l1ra_model
+        from ..model import find_l1ra_model
 
         st = find_l1ra_model(pm).l1ra_state
         events = st.history.events if hasattr(st.history, "events") else []
@@ -395,7 +382,7 @@ def run_one(spec: RunSpec, task=None) -> dict:
 
 
 def _gate_quantiles(pm) -> dict:
-    from .model import gates
+    from ..model import gates
 
     flat = torch.cat([g.detach().float().clamp(0, 1).flatten() for g in gates(pm).values()])
     qs = torch.quantile(flat, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]))
@@ -404,7 +391,7 @@ def _gate_quantiles(pm) -> dict:
 
 
 def _worker_main(argv: list) -> int:
-    """`python -m l1ra.compare_run SPEC.json OUT.json`: one run in a fresh process (so its peak RSS is its own)."""
+    """`python -m l1ra.app.compare_run SPEC.json OUT.json`: one run in a fresh process (so its peak RSS is its own)."""
     import json
 
     spec_path, out_path = argv
@@ -414,10 +401,7 @@ def _worker_main(argv: list) -> int:
         result = interleaved_step_times([RunSpec(**p) for p in payload])
     else:
         result = run_one(RunSpec(**payload))
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, out_path)
+    atomic_write_json(out_path, result)
     return 0
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Optional
+
+from ..atomic import atomic_write
+from ..history import layer_index, mean_rank_by_type, module_type
 
 METRICS, RANK_HISTORY, SUMMARY = "metrics.json", "rank_history.json", "summary.txt"
 TYPE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -26,36 +27,18 @@ def _load(path: Path) -> Optional[dict]:
         raise ReportError(f"{path}: unreadable ({err})") from None
 
 
-def _type_of(name: str) -> str:
-    # Module type = the last name part, but BERT's "attention.output.dense" and "output.dense" differ in role.
-    parts = name.split(".")
-    if parts[-1] == "dense" and len(parts) >= 3:
-        if parts[-2] == "output" and parts[-3] == "attention":
-            return "attn.out.dense"
-        if parts[-2] == "intermediate":
-            return "ffn.up.dense"
-        if parts[-2] == "output":
-            return "ffn.down.dense"
-    if parts[-1] == "dense" and len(parts) >= 2 and parts[-2] == "pooler":
-        return "pooler.dense"
-    return parts[-1]
-
-
-def _layer_of(name: str) -> Optional[int]:
-    m = re.search(r"\.(\d+)\.", f".{name}.")
-    return int(m.group(1)) if m else None
-
-
 def _types_sorted(types) -> list[str]:
-    return sorted(types, key=lambda t: (TYPE_ORDER.index(t) if t in TYPE_ORDER else len(TYPE_ORDER), t))
+    def key(t):
+        last = t.rsplit(".", 1)[-1]
+        return (TYPE_ORDER.index(last) if last in TYPE_ORDER else len(TYPE_ORDER), t)
+
+    return sorted(types, key=key)
 
 
 def ranks_by_type(ranks: dict[str, int]) -> dict[str, float]:
-    """Mean rank per module type."""
-    acc = defaultdict(list)
-    for name, r in ranks.items():
-        acc[_type_of(name)].append(r)
-    return {t: sum(v) / len(v) for t, v in ((t, acc[t]) for t in _types_sorted(acc))}
+    """Mean rank per module type, in display order."""
+    means = mean_rank_by_type(ranks)
+    return {t: means[t] for t in _types_sorted(means)}
 
 
 def summary_text(metrics: dict, history: Optional[dict]) -> str:
@@ -117,14 +100,7 @@ def _plt():
 
 def _save(fig, path: Path) -> None:
     """PNG written under a temporary name, then renamed: a reader never sees half a plot."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def MaxNLocator(**kwargs):
@@ -137,13 +113,13 @@ def plot_heatmap(ranks: dict[str, int], r0: Optional[int], path: Path) -> None:
     plt = _plt()
     import numpy as np
 
-    types = _types_sorted({_type_of(n) for n in ranks})
-    layers: list = sorted({_layer_of(n) for n in ranks if _layer_of(n) is not None})
-    if any(_layer_of(n) is None for n in ranks):
+    types = _types_sorted({module_type(n) for n in ranks})
+    layers: list = sorted({layer_index(n) for n in ranks if layer_index(n) is not None})
+    if any(layer_index(n) is None for n in ranks):
         layers.append(None)  # modules outside the numbered blocks (e.g. BERT's pooler) get their own column
     grid = np.full((len(types), len(layers)), np.nan)
     for name, r in ranks.items():
-        grid[types.index(_type_of(name)), layers.index(_layer_of(name))] = r
+        grid[types.index(module_type(name)), layers.index(layer_index(name))] = r
     width = min(16, max(6.5, 3 + 0.38 * len(layers)))
     fig, ax = plt.subplots(figsize=(width, 1.2 + 0.5 * len(types)), dpi=120)
     vmax = np.nanmax(grid)
@@ -239,7 +215,7 @@ def write_report(run_dir) -> str:
     if metrics.get("curves"):
         plot_losses(metrics, run_dir / "loss_curves.png")
     text = summary_text(metrics, history)
-    from .train import atomic_write_text
+    from ..atomic import atomic_write_text
 
     atomic_write_text(run_dir / SUMMARY, text + "\n")
     return text

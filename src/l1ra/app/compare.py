@@ -5,7 +5,7 @@ the same rank budget, data order, steps, learning-rate schedule and seeds, measu
     l1ra compare --task gsm8k --seeds 2 --steps 40
     l1ra compare --task sentiment --quick          # smoke check, minutes
 
-Fairness: every run uses one training loop (`l1ra.compare_run.run_one`): AdamW with the same adapter learning
+Fairness: every run uses one training loop (`l1ra.app.compare_run.run_one`): AdamW with the same adapter learning
 rate, weight-decay rule and gradient clipping, linear warm-up then cosine decay, the same batches in the same order
 for a given seed, and `torch.manual_seed(seed)` before the adapter is built. Runs are interleaved (for each seed,
 every method, in an order rotated by seed) so that machine noise hits all methods alike; step-time and memory
@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..atomic import atomic_write_json
 from .compare_run import DEFAULT_METHODS, METHODS, RunSpec
 
 LABELS = {
@@ -134,7 +135,7 @@ def make_specs(args) -> list[RunSpec]:
 
 
 def run_isolated(spec, log_path: Path, timeout: Optional[float] = None) -> dict:
-    """Run one spec (or a list of specs: the interleaved step timing) in a fresh `python -m l1ra.compare_run`
+    """Run one spec (or a list of specs: the interleaved step timing) in a fresh `python -m l1ra.app.compare_run`
     process; its stdout/stderr go to `log_path`."""
     specs = spec if isinstance(spec, list) else [spec]
     with tempfile.TemporaryDirectory(prefix="l1ra-compare-") as tmp:
@@ -150,7 +151,7 @@ def run_isolated(spec, log_path: Path, timeout: Optional[float] = None) -> dict:
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(log_path, "w") as log:
             proc = subprocess.run(
-                [sys.executable, "-m", "l1ra.compare_run", str(spec_path), str(out_path)],
+                [sys.executable, "-m", "l1ra.app.compare_run", str(spec_path), str(out_path)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout,
             )
         if proc.returncode != 0 or not out_path.exists():
@@ -258,9 +259,7 @@ def machine_info(threads: Optional[int]) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -604,7 +603,7 @@ def _compare_argv() -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m l1ra.compare ...` (the same as `l1ra compare ...`)."""
+    """`python -m l1ra.app.compare ...` (the same as `l1ra compare ...`)."""
     parser = argparse.ArgumentParser(prog="l1ra compare", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,7 +1,7 @@
 """Tasks for `l1ra compare`: a fresh base model, the training batches in a fixed order, and the scorer.
 
-Every task is offline: models and data come from the PyPI packages located by `l1ra.assets`, prepared by
-`l1ra.data`. A task is built once per run (inside the run's own process), so nothing leaks between methods.
+Every task is offline: models and data come from the PyPI packages located by `l1ra.app.assets`, prepared by
+`l1ra.app.data`. A task is built once per run (inside the run's own process), so nothing leaks between methods.
 """
 
 from __future__ import annotations
@@ -134,12 +134,12 @@ def sentiment_task(max_length: int = 64, eval_limit: Optional[int] = None) -> Ta
 
 def _cached_sentiment_splits(data) -> tuple[list, list]:
     """`_sentiment_splits`, cached as JSON next to the converted models: the SST-2 overlap filter takes ~20 s, and
-    every run of `l1ra compare` is its own process. The cache key is the source of `l1ra.data`."""
+    every run of `l1ra compare` is its own process. The cache key is the source of `l1ra.app.data`."""
     import hashlib
     import json
-    import os
     from pathlib import Path
 
+    from ..atomic import atomic_write_text
     from . import assets
 
     key = hashlib.sha256(Path(data.__file__).read_bytes()).hexdigest()[:16]
@@ -152,17 +152,14 @@ def _cached_sentiment_splits(data) -> tuple[list, list]:
             pass
     train, valid = _sentiment_splits(data)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"train": train, "valid": valid}))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"train": train, "valid": valid}))
     except OSError:
         pass
     return train, valid
 
 
 def _sentiment_splits(data) -> tuple[list, list]:
-    """(train, valid) as lists of {"text", "label"} from `l1ra.data.sentiment_data()`."""
+    """(train, valid) as lists of {"text", "label"} from `l1ra.app.data.sentiment_data()`."""
     result = data.sentiment_data()
     if isinstance(result, dict):
         train, valid = result["train"], result.get("validation", result.get("valid"))

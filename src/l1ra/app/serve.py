@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .atomic import atomic_dir
+from ..atomic import atomic_dir
 
 
 class ServeError(ValueError):

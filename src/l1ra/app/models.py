@@ -1,0 +1,70 @@
+"""Loading the base model and tokenizer of a run, with one-line errors that name the flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .options import RunError
+
+
+def resolve_model_path(spec: Optional[str]) -> str:
+    """The folder (or hub id) to load: the converted SmolLM2 for None."""
+    if spec is None:
+        from .assets import smollm2_dir
+
+        return str(smollm2_dir())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise RunError(f"--model {spec}: not a model folder (no config.json); give a transformers model folder or a hub id")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise RunError(f"--model {spec}: folder not found")
+    return spec
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        raise RunError(f"--model {path}: cannot load its tokenizer ({_first_line(err)})") from None
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise RunError(f"--model {path}: the tokenizer has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, task: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    kwargs = {"num_labels": 2} if task == "classification" else {}
+    try:
+        return cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+    except Exception as err:
+        raise RunError(f"--model {path}: cannot load it as a {'classifier' if task == 'classification' else 'causal LM'} "
+                       f"({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:240]
+
+
+def check_target_modules(model, targets) -> None:
+    """Target modules that match nothing get a clear error naming the linear layers the model has."""
+    from torch import nn
+
+    if targets == "all-linear":
+        return
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise RunError(f"--target-modules: {', '.join(missing)} match no linear layer of the model; it has: "
+                       f"{', '.join(suffixes[:20])} (or use all-linear)")
