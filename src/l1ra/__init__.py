@@ -1,48 +1,67 @@
-"""L1RA: L1-regularised rank assignment for LoRA, on PEFT's own LoRA layers."""
+"""L1RA: L1-regularised rank assignment for LoRA, on PEFT's own LoRA layers.
 
-from .allocator import AdapterPlan, plan_reallocation
-from .config import L1RAConfig
-from .checkpoint import CheckpointError, from_pretrained
-from .history import RankHistory, ReallocationEvent
-from .model import (
-    after_optimizer_step,
-    create_optimizer,
-    find_l1ra_model,
-    gates,
-    get_l1ra_model,
-    rank_history,
-    rank_pattern,
-    reallocate,
-    set_total_steps,
-)
+Names are loaded on first use (PEP 562), so `import l1ra` is instant and the command line can parse its arguments
+before torch, PEFT and transformers are imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# public name -> module that defines it
+_EXPORTS = {
+    "AdapterPlan": "allocator",
+    "plan_reallocation": "allocator",
+    "L1RAConfig": "config",
+    "CheckpointError": "checkpoint",
+    "from_pretrained": "checkpoint",
+    "RankHistory": "history",
+    "ReallocationEvent": "history",
+    "after_optimizer_step": "model",
+    "create_optimizer": "model",
+    "find_l1ra_model": "model",
+    "gates": "model",
+    "get_l1ra_model": "model",
+    "rank_history": "model",
+    "rank_pattern": "model",
+    "reallocate": "model",
+    "set_total_steps": "model",
+    "L1RACallback": "callback",
+}
 
-def __getattr__(name):
-    # The callback imports transformers' Trainer machinery: load it on demand.
-    if name == "L1RACallback":
-        from .callback import L1RACallback
-
-        return L1RACallback
-    raise AttributeError(f"module 'l1ra' has no attribute {name!r}")
+__all__ = sorted(_EXPORTS)
 
 
-__all__ = [
-    "AdapterPlan",
-    "CheckpointError",
-    "L1RACallback",
-    "L1RAConfig",
-    "RankHistory",
-    "ReallocationEvent",
-    "after_optimizer_step",
-    "create_optimizer",
-    "find_l1ra_model",
-    "from_pretrained",
-    "gates",
-    "get_l1ra_model",
-    "rank_history",
-    "rank_pattern",
-    "reallocate",
-    "set_total_steps",
-]
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'l1ra' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from .allocator import AdapterPlan, plan_reallocation
+    from .callback import L1RACallback
+    from .checkpoint import CheckpointError, from_pretrained
+    from .config import L1RAConfig
+    from .history import RankHistory, ReallocationEvent
+    from .model import (
+        after_optimizer_step,
+        create_optimizer,
+        find_l1ra_model,
+        gates,
+        get_l1ra_model,
+        rank_history,
+        rank_pattern,
+        reallocate,
+        set_total_steps,
+    )
