@@ -223,7 +223,8 @@ class UserError(Exception):
 # `add_parser(subparsers)` and may define `USER_ERRORS`, a tuple of exception types reported as one-line errors.
 PLUGINS = {
     "compare": ("l1ra.app.compare", "L1RA vs LoRA, AdaLoRA (and DoRA) on real tasks: same budget, data, steps, seeds"),
-    "export": ("l1ra.app.export_cmd", "write a trained adapter in the form a serving engine loads"),
+    "export": ("l1ra.app.export_cmd", "write the adapter for another engine (uniform rank, llama.cpp GGUF) or a "
+               "smaller budget"),
 }
 
 
@@ -286,7 +287,7 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
 _USER_ERRORS = (
     ("l1ra.app.assets", "AssetError"), ("l1ra.app.data", "DataError"), ("l1ra.checkpoint", "CheckpointError"),
     ("l1ra.app.report", "ReportError"), ("l1ra.app.options", "RunError"), ("l1ra.app.serve", "ServeError"),
-    ("l1ra.app.extras", "MissingExtraError"),
+    ("l1ra.app.extras", "MissingExtraError"), ("l1ra.export", "ExportError"),
 )
 
 

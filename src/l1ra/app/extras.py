@@ -15,7 +15,7 @@ from typing import Iterable
 # (tests/test_front_door.py checks it).
 EXTRAS: dict[str, dict[str, str]] = {
     "train": {"datasets": "datasets", "matplotlib": "matplotlib", "tqdm": "tqdm", "gguf": "gguf", "yaml": "pyyaml",
-              "sentencepiece": "sentencepiece"},
+              "sentencepiece": "sentencepiece", "trl": "trl"},
     "tensorboard": {"tensorboard": "tensorboard"},
     "gguf": {"gguf": "gguf"},
 }
