@@ -109,8 +109,24 @@ def test_merge_matches_adapter(finished_run, tmp_path):
 
 
 def test_generate(finished_run, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     assert main(["generate", str(finished_run), "What is 3 plus 3?", "--max-new-tokens", "5"]) == 0
-    assert isinstance(capsys.readouterr().out, str)
+    out = capsys.readouterr().out
+    # the same greedy answer, computed here from the base model, the adapter and the chat template
+    base_path = json.loads((finished_run / "train_config.json").read_text())["model_path"]
+    tok = AutoTokenizer.from_pretrained(base_path)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path),
+                                      str(finished_run / "adapter")).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 3?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        ids = tuned.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = ids[0, enc["input_ids"].shape[1]:]
+    assert 1 <= len(new) <= 5
+    assert out == tok.decode(new, skip_special_tokens=True).strip() + "\n"
 
 
 def test_plain_progress_lines_and_text_csv(tiny_llm, tmp_path, capsys):

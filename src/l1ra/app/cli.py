@@ -9,13 +9,16 @@ import importlib.util
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
 EXIT_USER_ERROR = 2
 
 
-def _bool(value: str) -> bool:
+def _bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
     v = str(value).strip().lower()
     if v in ("1", "true", "yes", "on"):
         return True
@@ -24,54 +27,107 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
-def _number(value: str) -> float:
+def _number(value) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
     try:
         return float(value)
-    except ValueError:
+    except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
 
 
-# flag -> (type, metavar); help texts come from TrainOptions' field metadata
-_TRAIN_TYPES = {
-    "max_steps": int, "epochs": _number, "lr": _number, "batch_size": int, "grad_accum": int, "max_length": int,
-    "r": int, "lora_alpha": _number, "l1ra_lambda": _number, "eta_c": _number, "update_every": _number,
-    "l1_start": _number, "seed": int,
-    "eval_steps": int, "save_steps": int, "eval_fraction": _number, "max_eval": int,
-}
+def _integer(value) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+
+
+_BASE_TYPES = {int: _integer, float: _number, bool: _bool, str: str}
+
+
+def _field_kind(tp) -> tuple[type, Optional[tuple]]:
+    """(base type, choices) of a field annotation: Optional[X] -> X, Literal[...] -> (type of the values, values)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union and len(args) == 1:
+        return _field_kind(args[0])
+    if typing.get_origin(tp) is typing.Literal:
+        return type(args[0]), tuple(args)
+    if tp not in _BASE_TYPES:
+        raise TypeError(f"option type {tp!r} has no command-line form")  # a new TrainOptions field needs one
+    return tp, None
+
+
+def dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one `--flag-name` per field of the dataclass `cls`: type, choices and help from the field.
+
+    What `transformers.HfArgumentParser` does, without importing transformers (about 1 s) before parsing. Every
+    flag defaults to None, so `args` tells which options the user gave. Field metadata: "help"; "const" (the flag
+    may be given without a value, meaning const); "metavar". A bool field with default False is a switch; an
+    Optional[bool] takes an optional true/false (bare flag: true).
+    """
+    hints = typing.get_type_hints(cls, include_extras=False)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        base, choices = _field_kind(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if "(default" not in help_text and f.default not in (None, False, dataclasses.MISSING):
+            help_text += f" (default: {f.default})"
+        kwargs = dict(default=None, help=help_text)
+        if base is bool and f.default is False:
+            parser.add_argument(flag, action="store_true", **kwargs)
+            continue
+        if base is bool:
+            kwargs.update(nargs="?", const=True, metavar="BOOL")
+        elif "const" in f.metadata:
+            kwargs.update(nargs="?", const=f.metadata["const"])
+        if choices:
+            kwargs["choices"] = choices
+        else:
+            kwargs["metavar"] = f.metadata.get("metavar", kwargs.get("metavar", f.name.upper()))
+        parser.add_argument(flag, type=_BASE_TYPES[base], **kwargs)
+
+
+def coerce_option(cls, name: str, value):
+    """A config-file value converted like the flag's string would be (YAML reads `1e-4` as a string)."""
+    base, choices = _field_kind(typing.get_type_hints(cls)[name])
+    if value is None:
+        return None
+    if name == "target_modules" and isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    if base is str and isinstance(value, (dict, list)):
+        raise argparse.ArgumentTypeError(f"expected a string, got {value!r}")
+    value = _BASE_TYPES[base](value)
+    if choices and value not in choices:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    from .options import DEFAULT_OUTPUT_DIR, TrainOptions
+    from .options import TrainOptions
 
     p = subparsers.add_parser(
         "train", help="fine-tune a model with L1RA (no arguments: SmolLM2-135M-Instruct on GSM8K, offline)",
         description="Fine-tune a model with L1RA. With no arguments: SmolLM2-135M-Instruct on GSM8K, offline, about "
         "10 minutes on 2 CPU cores. Writes the adapter, metrics.json, rank_history.json and plots to --output-dir.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file setting any of these options (flags win)")
-    for f in dataclasses.fields(TrainOptions):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        if f.name == "output_dir":
-            help_text += f" (default: {DEFAULT_OUTPUT_DIR})"
-        if f.name in ("overwrite",):
-            p.add_argument(flag, action="store_true", default=None, help=help_text)
-        elif f.name == "bf16":
-            p.add_argument(flag, nargs="?", const=True, type=_bool, default=None, metavar="BOOL", help=help_text)
-        elif f.name == "resume":
-            p.add_argument(flag, nargs="?", const="auto", default=None, metavar="CHECKPOINT", help=help_text)
-        elif f.name == "preset":
-            p.add_argument(flag, choices=["gsm8k", "sentiment"], default=None, help=help_text)
-        else:
-            p.add_argument(flag, type=_TRAIN_TYPES.get(f.name, str), default=None,
-                           metavar=f.name.upper(), help=help_text)
+    dataclass_arguments(p, TrainOptions)
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=cmd_train)
     return p
 
 
+# Keys people bring from transformers' TrainingArguments or other tools -> ours.
+_KEY_HINTS = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch-size",
+              "gradient_accumulation_steps": "grad-accum", "model_name_or_path": "model", "lora_r": "r",
+              "rank": "r", "max_seq_length": "max-length", "dataset_name": "dataset", "resume_from_checkpoint": "resume"}
+
+
 def load_config_file(path: str) -> dict:
+    """The options in a YAML or JSON file, keyed by field name, each converted like its flag."""
     from .options import TrainOptions
 
     file = Path(path)
@@ -91,34 +147,42 @@ def load_config_file(path: str) -> dict:
         values = {}
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: must hold a mapping of option: value")
-    known = set(TrainOptions.keys())
+    known = TrainOptions.keys()
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise UserError(f"--config {path}: unknown key {key!r}; keys are the train flags without '--', "
+            import difflib
+
+            guess = _KEY_HINTS.get(name) or next(iter(difflib.get_close_matches(name, known, n=1)), None)
+            hint = f" (did you mean '{guess.replace('_', '-')}'?)" if guess else ""
+            raise UserError(f"--config {path}: unknown key {key!r}{hint}; keys are the train flags without '--', "
                             f"e.g. max-steps, lr, dataset")
-        out[name] = value
+        try:
+            out[name] = coerce_option(TrainOptions, name, value)
+        except argparse.ArgumentTypeError as err:
+            raise UserError(f"--config {path}: {key}: {err}") from None
     return out
 
 
 def cmd_train(args) -> int:
-    from .options import TrainOptions
-    from .train import run_train
+    from .options import TrainOptions, report_to_list
 
     values = load_config_file(args.config) if args.config else {}
-    if values.get("target_modules") is not None and isinstance(values["target_modules"], list):
-        values["target_modules"] = ",".join(values["target_modules"])
     explicit = set(values)
     for name in TrainOptions.keys():
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
             explicit.add(name)
-    try:
-        opts = TrainOptions(**values)
-    except TypeError as err:
-        raise UserError(f"bad option: {err}") from None
+    opts = TrainOptions(**values)
+    # before anything heavy: a missing logger package or an unreadable GGUF model fails now
+    report_to_list(opts.report_to)
+    from .assets import check_model_spec
+
+    check_model_spec(opts.model)
+    from .train import run_train
+
     result = run_train(opts, explicit)
     print(f"\n{result['summary']}\noutputs in {opts.output_dir}/ : adapter/, metrics.json, rank_history.json, "
           "rank_heatmap.png, rank_by_module_type.png, loss_curves.png")
@@ -153,7 +217,31 @@ class UserError(Exception):
     """A CLI-level user error (bad flag value or config file)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands defined in their own modules, added when the module is installed: name -> (module, its line in
+# `l1ra --help`). The module is imported only when its command is run (or asked for its --help): its imports
+# (torch, for compare) must not slow `l1ra --help` or the other commands' argument errors. The module defines
+# `add_parser(subparsers)` and may define `USER_ERRORS`, a tuple of exception types reported as one-line errors.
+PLUGINS = {
+    "compare": ("l1ra.app.compare", "L1RA vs LoRA, AdaLoRA (and DoRA) on real tasks: same budget, data, steps, seeds"),
+    "export": ("l1ra.app.export_cmd", "write the adapter for another engine (uniform rank, llama.cpp GGUF) or a "
+               "smaller budget"),
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _chosen_command(argv: Sequence[str]) -> Optional[str]:
+    # The top-level parser has no option but --help, so the command is the first word that is not an option.
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The `l1ra` parser. Plugin commands are fully defined only when `argv` runs them (see PLUGINS)."""
     parser = argparse.ArgumentParser(prog="l1ra", description="L1RA: LoRA with L1-regularised rank assignment.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_parser(sub)
@@ -179,54 +267,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=cmd_generate)
 
-    # `l1ra compare` lives in its own module; add it when it is there.
-    if importlib.util.find_spec("l1ra.app.compare") is not None:
+    chosen = _chosen_command(list(argv) if argv is not None else sys.argv[1:])
+    for name, (module, help_text) in PLUGINS.items():
+        if not _installed(module):
+            continue
+        if name != chosen:
+            sub.add_parser(name, help=help_text, add_help=False)  # listed in `l1ra --help`; never parsed
+            continue
         try:
-            importlib.import_module("l1ra.app.compare").add_parser(sub)
+            importlib.import_module(module).add_parser(sub)
         except Exception as err:  # a broken optional command must not take the others down
-            print(f"l1ra: warning: the compare command is unavailable ({err})", file=sys.stderr)
+            print(f"l1ra: warning: the {name} command is unavailable ({type(err).__name__}: {err})", file=sys.stderr)
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
-def _known_errors() -> tuple[type, ...]:
-    from .assets import AssetError
-    from .data import DataError
-    from ..checkpoint import CheckpointError
-    from .report import ReportError
+# Exception types reported as one line and exit code 2 (module, class). Looked up only in modules already
+# imported, since an exception of a module never imported cannot have been raised; the error path imports nothing.
+_USER_ERRORS = (
+    ("l1ra.app.assets", "AssetError"), ("l1ra.app.data", "DataError"), ("l1ra.checkpoint", "CheckpointError"),
+    ("l1ra.app.report", "ReportError"), ("l1ra.app.options", "RunError"), ("l1ra.app.serve", "ServeError"),
+    ("l1ra.app.extras", "MissingExtraError"), ("l1ra.export", "ExportError"),
+)
 
-    errors = [UserError, AssetError, DataError, CheckpointError, ReportError]
+
+def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, UserError):
+        return True
+    types = [getattr(sys.modules.get(m), c, None) for m, c in _USER_ERRORS]
+    for module, _ in PLUGINS.values():
+        types.extend(getattr(sys.modules.get(module), "USER_ERRORS", ()))
+    return any(isinstance(t, type) and isinstance(err, t) for t in types)
+
+
+# Third-party warning noise, silenced by category and the module the warning is attributed to. Never a blanket
+# filter, never UserWarning: l1ra's own warnings ("l1ra: ...", UserWarning) must reach the user, and one raised
+# inside a Trainer callback is attributed to transformers' module.
+_THIRD_PARTY = r"(torch|transformers|peft|accelerate|datasets|trl|huggingface_hub|tokenizers|safetensors)(\..*)?$"
+_NOISE = (
+    # deprecations inside the libraries l1ra calls (e.g. PEFT reading transformers' deprecated
+    # `is_gradient_checkpointing` on every PeftModel): nothing a user of `l1ra` can act on
+    (FutureWarning, _THIRD_PARTY),
+    (DeprecationWarning, _THIRD_PARTY),
+)
+
+
+def quiet_third_party() -> None:
+    """Silence the libraries' progress bars, info logs and known warning noise; l1ra's own warnings stay."""
+    import warnings
+
+    for category, module in _NOISE:
+        warnings.filterwarnings("ignore", category=category, module=module)
     try:
-        from .options import RunError
+        import transformers
 
-        errors.append(RunError)
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
     except ImportError:
         pass
-    try:
-        from .serve import ServeError
-
-        errors.append(ServeError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return EXIT_USER_ERROR
-    debug = getattr(args, "debug", False)
-    if not debug:
-        import warnings
-
-        warnings.filterwarnings("ignore")
+    if "datasets" in sys.modules or _installed("datasets"):
         try:
-            import transformers
-
-            transformers.logging.set_verbosity_error()
-            transformers.logging.disable_progress_bar()
             import datasets
 
             # datasets logs its own ERROR line before raising on a bad file; the CLI's one-line error says it
@@ -234,18 +334,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             datasets.disable_progress_bars()
         except ImportError:
             pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    debug = getattr(args, "debug", False)
     try:
+        from .extras import require_for_command
+
+        require_for_command(args.command)  # a missing package is named before any work
+        if not debug:
+            quiet_third_party()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("l1ra: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        if debug or not isinstance(err, _known_errors()):
-            if not debug:
-                print(f"l1ra: error: {type(err).__name__}: {err} (run again with --debug for the traceback)",
-                      file=sys.stderr)
-                return 1
+        if debug:
             raise
+        if not _is_user_error(err):
+            print(f"l1ra: error: {type(err).__name__}: {err} (run again with --debug for the traceback)",
+                  file=sys.stderr)
+            return 1
         print(f"l1ra: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -7,7 +7,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 DEFAULT_OUTPUT_DIR = "runs/train"
 
@@ -22,10 +22,10 @@ class TrainOptions:
 
     model: Optional[str] = field(default=None, metadata={"help": "hub id or local folder of the base model (default: the shipped SmolLM2-135M-Instruct)"})
     dataset: Optional[str] = field(default=None, metadata={"help": "hub dataset name or a local .json/.jsonl/.csv/.parquet file (default: the shipped GSM8K)"})
-    preset: Optional[str] = field(default=None, metadata={"help": "a shipped task: 'gsm8k' (the default run) or 'sentiment' (MiniLM on Rotten Tomatoes, scored on SST-2)"})
+    preset: Optional[Literal["gsm8k", "sentiment"]] = field(default=None, metadata={"help": "a shipped task: 'gsm8k' (the default run) or 'sentiment' (MiniLM on Rotten Tomatoes, scored on SST-2)"})
     output_dir: str = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "where the adapter, metrics, rank history and plots go"})
     overwrite: bool = field(default=False, metadata={"help": "replace the outputs of an earlier run in --output-dir"})
-    resume: Optional[str] = field(default=None, metadata={"help": "resume from a checkpoint: 'auto' (latest in --output-dir) or its path"})
+    resume: Optional[str] = field(default=None, metadata={"help": "resume from a checkpoint: 'auto' (latest in --output-dir) or its path", "const": "auto", "metavar": "CHECKPOINT"})
     max_steps: Optional[int] = field(default=None, metadata={"help": "optimizer steps to train (default: 80 for the default run, 300 for the sentiment preset; with --dataset: --epochs)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training data when --max-steps is not given (default: 1)"})
     lr: float = field(default=2e-4, metadata={"help": "learning rate of the LoRA matrices, cosine schedule with 10%% warm-up (default: 2e-4; sentiment 1e-3)"})
@@ -50,6 +50,7 @@ class TrainOptions:
     messages_column: Optional[str] = field(default=None, metadata={"help": "column with chat messages; loss on assistant turns only"})
     text_column: Optional[str] = field(default=None, metadata={"help": "column with plain text; loss on every token"})
     eval_split: Optional[str] = field(default=None, metadata={"help": "hub datasets: the split to evaluate on (default: test/validation if present, else a held-out slice)"})
+    report_to: str = field(default="none", metadata={"help": "where the Trainer logs: none, tensorboard, wandb, ... (comma list)"})
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -123,3 +124,39 @@ def _validate(opts: TrainOptions) -> None:
         raise RunError(f"--eval-fraction {opts.eval_fraction}: must be in (0, 1)")
     if opts.max_length < 8:
         raise RunError(f"--max-length {opts.max_length}: too short, use at least 8 tokens")
+    report_to_list(opts.report_to)
+
+
+# The Trainer's logging integrations (transformers 5.x, `integrations.integration_utils.INTEGRATION_TO_CALLBACK`;
+# importing that module takes seconds, so the names are listed here) -> the module each one needs, when known.
+REPORT_TO = {
+    "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",), "neptune": ("neptune",),
+    "codecarbon": ("codecarbon",), "swanlab": ("swanlab",), "trackio": ("trackio",), "dagshub": ("dagshub",),
+    "azure_ml": ("azureml",), "flyte": ("flytekit",), "kubeflow": (),
+}
+
+
+def report_to_list(value) -> list[str]:
+    """`--report-to` as the list `TrainingArguments(report_to=...)` takes ([] for none), checked at start-up.
+
+    Unknown names and integrations whose package is missing raise `RunError` naming the fix.
+    """
+    names = value if isinstance(value, (list, tuple)) else str(value or "none").split(",")
+    names = [str(n).strip().lower() for n in names if str(n).strip()]
+    if not names or names == ["none"]:
+        return []
+    if names == ["all"]:
+        return ["all"]
+    bad = [n for n in names if n not in REPORT_TO]
+    if bad:
+        raise RunError(f"--report-to {value}: unknown integration {', '.join(bad)}; use none, all or a comma list of "
+                       f"{', '.join(sorted(REPORT_TO))}")
+    from .extras import installed
+
+    for name in names:
+        modules = REPORT_TO[name]
+        if modules and not any(installed(m) for m in modules):
+            fix = "pip install 'l1ra[tensorboard]'" if name == "tensorboard" else f"pip install {modules[0]}"
+            raise RunError(f"--report-to {name} needs the '{modules[0]}' package, not installed; install it with: {fix}")
+    return names
