@@ -214,11 +214,19 @@ def pad_ranks(adapter: LoraAdapter, rank: int) -> LoraAdapter:
 
 def svd_factors(a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0):
     """`(U, S, Vh)` with `scaling * b @ a == U @ diag(S) @ Vh`, S descending, U `(out, r)`, Vh `(r, in)`, in float64,
-    through QR of the two thin factors: only r x r matrices are decomposed."""
+    through QR of the two thin factors: only r x r matrices are decomposed. Always r triplets (zeros past the
+    factors' rank)."""
+    r = a.shape[0]
     qb, rb = torch.linalg.qr(b.double())  # b = qb rb
     qa, ra = torch.linalg.qr(a.double().T)  # a = ra^T qa^T
-    u, s, vh = torch.linalg.svd(scaling * rb @ ra.T)
-    return qb @ u, s, vh @ qa.T
+    u, s, vh = torch.linalg.svd(scaling * rb @ ra.T, full_matrices=False)
+    u, vh = qb @ u, vh @ qa.T
+    if s.numel() < r:  # r > min(out, in): the extra directions are zero; keep r of them so ranks add up
+        extra = r - s.numel()
+        u = torch.cat([u, u.new_zeros(u.shape[0], extra)], dim=1)
+        s = torch.cat([s, s.new_zeros(extra)])
+        vh = torch.cat([vh, vh.new_zeros(extra, vh.shape[1])], dim=0)
+    return u, s, vh
 
 
 def budget_ranks(sigmas: dict[str, torch.Tensor], budget: int) -> dict[str, int]:
