@@ -116,14 +116,16 @@ def llama_cpp_alpha(adapter: LoraAdapter) -> float:
     return float(ranks.pop()) if len(ranks) == 1 else 0.0
 
 
-def write_gguf(adapter: LoraAdapter, info: dict, out, name: Optional[str] = None) -> Path:
-    """Write the folded `adapter` as a llama.cpp LoRA GGUF file at `out` (renamed into place when complete)."""
+def write_gguf(adapter: LoraAdapter, info: dict, out, name: Optional[str] = None,
+               alpha: Optional[float] = None) -> Path:
+    """Write the folded `adapter` as a llama.cpp LoRA GGUF file at `out` (renamed into place when complete).
+    `alpha` (default: `llama_cpp_alpha(adapter)`, scale 1 everywhere) is for tests that mimic other converters."""
     import gguf
 
     from ..atomic import atomic_write
 
     tensors = gguf_tensors(adapter, info)
-    alpha = llama_cpp_alpha(adapter)
+    alpha = llama_cpp_alpha(adapter) if alpha is None else float(alpha)
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), arch=info["arch"])
