@@ -104,6 +104,12 @@ def load_in_vanilla_peft(run, folders):
             with torch.no_grad():
                 got = model(input_ids=ref["batch"]["input_ids"]).logits
             out[key] = (got - ref["expected"][key]).abs().max().item()
+            if key in ("uniform", "peft_small_budget"):  # transformers' own entry point too
+                plain = make_model("llama")
+                plain.load_adapter(path)
+                with torch.no_grad():
+                    got = plain(input_ids=ref["batch"]["input_ids"]).logits
+                out[key + "_transformers"] = (got - ref["expected"][key]).abs().max().item()
         assert "l1ra" not in sys.modules
         print(json.dumps(out))
         """
@@ -137,7 +143,7 @@ def test_every_format_and_budget_loads_in_vanilla_peft_with_the_promised_logits(
     for key, (kwargs, want) in cases.items():
         folders[key] = (ex.export_adapter(src, tmp_path / key, **kwargs), want)
     worst = load_in_vanilla_peft(run, folders)
-    assert max(worst.values()) < 1e-4, worst
+    assert len(worst) == len(cases) + 2 and max(worst.values()) < 1e-4, worst
 
     # the files say what they promise
     uniform = json.loads((tmp_path / "uniform" / "adapter_config.json").read_text())

@@ -170,7 +170,7 @@ def smollm2(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
     base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    adapter = patterned_adapter(base, scale=0.02)
+    adapter = patterned_adapter(base, scale=0.03)
     adapter.save_pretrained(root / "adapter")
     batches = [tokenizer(p)["input_ids"] for p in PROMPTS]
     with torch.no_grad():
