@@ -24,7 +24,6 @@ from ..export import (
     fold_scaling,
     pad_ranks,
     prepare,
-    read_adapter,  # noqa: F401  (re-exported for callers that build the adapter themselves)
     resolve_source,
 )
 
