@@ -159,6 +159,7 @@ def test_every_format_and_budget_loads_in_vanilla_peft_with_the_promised_logits(
     assert small_cfg["rank_pattern"] == keep
     plain = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert plain["rank_pattern"] == run["ranks"] and plain["use_rslora"] is False
+    assert plain["r"] == top  # engines that size buffers by r fit every module
 
 
 def test_the_default_uniform_rank_is_the_next_multiple_of_16():

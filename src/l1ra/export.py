@@ -285,7 +285,7 @@ def lora_config(adapter: LoraAdapter, uniform: bool = False):
 
     uniform: every module must have one rank R and scaling 1; gives `r = lora_alpha = R`, no patterns.
     Otherwise: `use_rslora` false, `rank_pattern` and `alpha_pattern` (alpha_i = s_i * r_i) for every module by full
-    name, `r` / `lora_alpha` the most common pair; checked against PEFT's matcher so each module gets its own values.
+    name, `r` the largest rank (with its alpha); checked against PEFT's matcher so each module gets its own values.
     """
     from peft import LoraConfig
 
@@ -297,8 +297,10 @@ def lora_config(adapter: LoraAdapter, uniform: bool = False):
         scale = dict(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, use_rslora=False)
     else:
         alphas = {n: m.scaling * m.rank for n, m in adapter.modules.items()}
-        pairs = [(ranks[n], alphas[n]) for n in ranks]
-        r, alpha = max(set(pairs), key=lambda p: (pairs.count(p), p))
+        # top-level r = the largest rank: engines that size their buffers by `r` fit every module
+        r = max(ranks.values())
+        top = [alphas[n] for n in ranks if ranks[n] == r]
+        alpha = max(set(top), key=lambda a: (top.count(a), a))
         scale = dict(r=r, lora_alpha=alpha, rank_pattern=dict(ranks), alpha_pattern=alphas, use_rslora=False)
     known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     kept = {k: v for k, v in adapter.config.items() if k in known and k not in _SCALE_FIELDS and k != "peft_type"}
