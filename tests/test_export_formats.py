@@ -143,6 +143,7 @@ def test_every_format_and_budget_loads_in_vanilla_peft_with_the_promised_logits(
     for key, (kwargs, want) in cases.items():
         folders[key] = (ex.export_adapter(src, tmp_path / key, **kwargs), want)
     worst = load_in_vanilla_peft(run, folders)
+    print(which, json.dumps(worst))
     assert len(worst) == len(cases) + 2 and max(worst.values()) < 1e-4, worst
 
     # the files say what they promise
