@@ -336,3 +336,18 @@ def test_cli_writes_every_format(run, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: --budget and --fraction exclude each other
         cli(["export", src, "--out", str(tmp_path / "q"), "--budget", "3", "--fraction", "0.5"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_budget_curve_is_monotone_and_complete_at_full_budget(run, capsys):
+    adapter = ex.read_adapter(run["src"] / "adapter")
+    n, total = len(adapter.modules), sum(adapter.ranks.values())
+    rows = ex.budget_curve(adapter, range(n, total + 1))
+    kept = [r["kept"] for r in rows]
+    assert all(a <= b + 1e-12 for a, b in zip(kept, kept[1:])) and kept[-1] == pytest.approx(1.0)
+    # the share kept is 1 - squared relative error of the truncated updates
+    small = ex.truncate(adapter, n + 5)
+    dense, cut = ex.delta_weights(adapter), ex.delta_weights(small)
+    err = sum(float(((dense[k] - cut[k]) ** 2).sum()) for k in dense) / sum(float((d**2).sum()) for d in dense.values())
+    assert rows[5]["kept"] == pytest.approx(1 - err, rel=1e-9)
+    assert cli(["export", str(run["src"]), "--curve"]) == 0
+    assert f"total rank {total}" in capsys.readouterr().out

@@ -269,6 +269,20 @@ def truncate(adapter: LoraAdapter, budget: int) -> LoraAdapter:
     return dataclasses.replace(adapter, modules=modules)
 
 
+def budget_curve(adapter: LoraAdapter, budgets) -> list[dict]:
+    """For each budget: the share of the adapter's update that `truncate` keeps, `sum kept sigma^2 / sum sigma^2` over
+    all modules (1 - the squared relative Frobenius error of the stacked updates). A cheap, model-free guide to how
+    small the adapter can get; held-out loss is the real test."""
+    sigmas = singular_values(adapter)
+    total = sum(float((s**2).sum()) for s in sigmas.values()) or 1.0
+    rows = []
+    for budget in budgets:
+        keep = budget_ranks(sigmas, int(budget))
+        kept = sum(float((sigmas[n][: keep[n]] ** 2).sum()) for n in sigmas)
+        rows.append({"budget": int(budget), "kept": kept / total, "max_rank": max(keep.values())})
+    return rows
+
+
 def singular_values(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     """Each module's singular values of `s_i B_i A_i`, descending (float64)."""
     return {n: svd_factors(m.a, m.b, m.scaling)[1] for n, m in adapter.modules.items()}
@@ -395,7 +409,7 @@ def delta_weights(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
 
 
 __all__ = [
-    "ExportError", "LoraAdapter", "LoraModule", "budget_from_fraction", "budget_ranks", "delta_weights",
+    "ExportError", "LoraAdapter", "LoraModule", "budget_curve", "budget_from_fraction", "budget_ranks", "delta_weights",
     "export_adapter", "fold_scaling", "lora_config", "module_scalings", "pad_ranks", "prepare", "read_adapter",
     "resolve_source", "save_peft", "singular_values", "svd_factors", "truncate", "uniform_rank",
 ]

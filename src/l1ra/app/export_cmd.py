@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--budget/--fraction keep only the largest singular directions (the best adapter of that total rank).",
     )
     p.add_argument("src", metavar="SRC", help="an `l1ra train` output folder or any PEFT LoRA adapter folder")
-    p.add_argument("--out", required=True, metavar="PATH", help="folder to write (a .gguf file with --format gguf)")
+    p.add_argument("--out", metavar="PATH", help="folder to write (a .gguf file with --format gguf)")
     p.add_argument("--format", choices=["peft", "uniform", "gguf"], default="peft", help=FORMAT_HELP)
     p.add_argument("--rank", type=_positive_int, metavar="R",
                    help="uniform/gguf: pad every module to this rank (default for uniform: the smallest multiple of "
@@ -49,6 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--fraction", type=_fraction, metavar="F", help="keep this fraction of the total rank")
     p.add_argument("--base", metavar="MODEL",
                    help="gguf: the base model's folder (config.json) or .gguf file (default: the run's model)")
+    p.add_argument("--curve", action="store_true",
+                   help="print, for a range of budgets, the share of the adapter's update each keeps (writes nothing)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=cmd_export)
@@ -58,6 +60,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_export(args) -> int:
     from ..export import ExportError, export_adapter, read_adapter, resolve_source
 
+    if args.curve:
+        return print_curve(args.src)
+    if args.out is None:
+        raise ExportError("--out is required: the folder (or .gguf file) to write")
     if args.rank is not None and args.format == "peft":
         raise ExportError("--rank is for --format uniform or gguf; drop it or add --format uniform")
     if args.base is not None and args.format != "gguf":
@@ -76,4 +82,17 @@ def cmd_export(args) -> int:
     if ranks is not None:
         summary += f" -> {sum(ranks.values())} (ranks {min(ranks.values())}..{max(ranks.values())})"
     print(f"{args.format} adapter written to {path} ({summary})")
+    return 0
+
+
+def print_curve(src) -> int:
+    from ..export import budget_curve, read_adapter, resolve_source
+
+    adapter = read_adapter(resolve_source(src)[0])
+    n, total = len(adapter.modules), sum(adapter.ranks.values())
+    budgets = sorted({n, *(max(n, round(f * total)) for f in (0.1, 0.25, 0.5, 0.75)), total})
+    print(f"{src}: {n} modules, total rank {total}")
+    print("budget  kept share of the update  largest module rank")
+    for row in budget_curve(adapter, budgets):
+        print(f"{row['budget']:>6}  {100 * row['kept']:>23.2f}%  {row['max_rank']:>19}")
     return 0
