@@ -1,0 +1,98 @@
+"""`l1ra export`: write a trained adapter in the form an engine needs (PEFT, any LoRA engine, llama.cpp)."""
+
+from __future__ import annotations
+
+import argparse
+
+FORMAT_HELP = (
+    "peft: per-module ranks and alphas (rank_pattern, alpha_pattern) for PEFT, transformers, Unsloth, vLLM >= 0.32; "
+    "uniform: every module zero-padded to one rank with its scaling folded in, r = lora_alpha (vLLM, SGLang, LoRAX, "
+    "TGI, S-LoRA and any engine that ignores patterns); gguf: a llama.cpp LoRA file"
+)
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value!r}")
+    return number
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}")
+    return number
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "export", help="write the adapter for another engine (uniform rank, llama.cpp GGUF) or a smaller budget",
+        description="Write the adapter of SRC in the form an engine needs. Same function in every format; "
+        "--budget/--fraction keep only the largest singular directions (the best adapter of that total rank).",
+    )
+    p.add_argument("src", metavar="SRC", help="an `l1ra train` output folder or any PEFT LoRA adapter folder")
+    p.add_argument("--out", metavar="PATH", help="folder to write (a .gguf file with --format gguf)")
+    p.add_argument("--format", choices=["peft", "uniform", "gguf"], default="peft", help=FORMAT_HELP)
+    p.add_argument("--rank", type=_positive_int, metavar="R",
+                   help="uniform/gguf: pad every module to this rank (default for uniform: the smallest multiple of "
+                   "16 >= the largest rank)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--budget", type=_positive_int, metavar="N",
+                       help="keep N ranks in all, by the largest singular values over all modules (>= 1 per module)")
+    group.add_argument("--fraction", type=_fraction, metavar="F", help="keep this fraction of the total rank")
+    p.add_argument("--base", metavar="MODEL",
+                   help="gguf: the base model's folder (config.json) or .gguf file (default: the run's model)")
+    p.add_argument("--curve", action="store_true",
+                   help="print, for a range of budgets, the share of the adapter's update each keeps (writes nothing)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=cmd_export)
+    return p
+
+
+def cmd_export(args) -> int:
+    from ..export import ExportError, export_adapter, read_adapter, resolve_source
+
+    if args.curve:
+        return print_curve(args.src)
+    if args.out is None:
+        raise ExportError("--out is required: the folder (or .gguf file) to write")
+    if args.rank is not None and args.format == "peft":
+        raise ExportError("--rank is for --format uniform or gguf; drop it or add --format uniform")
+    if args.base is not None and args.format != "gguf":
+        raise ExportError("--base is for --format gguf; drop it")
+    kwargs = dict(rank=args.rank, budget=args.budget, fraction=args.fraction, overwrite=args.overwrite)
+    if args.format == "gguf":
+        from .gguf_export import export_gguf
+
+        path = export_gguf(args.src, args.out, base=args.base, **kwargs)
+        ranks = None
+    else:
+        path = export_adapter(args.src, args.out, format=args.format, **kwargs)
+        ranks = read_adapter(path).ranks
+    before = read_adapter(resolve_source(args.src)[0]).ranks
+    summary = f"{len(before)} modules, total rank {sum(before.values())}"
+    if ranks is not None:
+        summary += f" -> {sum(ranks.values())} (ranks {min(ranks.values())}..{max(ranks.values())})"
+    print(f"{args.format} adapter written to {path} ({summary})")
+    return 0
+
+
+def print_curve(src) -> int:
+    from ..export import budget_curve, read_adapter, resolve_source
+
+    adapter = read_adapter(resolve_source(src)[0])
+    n, total = len(adapter.modules), sum(adapter.ranks.values())
+    budgets = sorted({n, *(max(n, round(f * total)) for f in (0.1, 0.25, 0.5, 0.75)), total})
+    print(f"{src}: {n} modules, total rank {total}")
+    print("budget  kept share of the update  largest module rank")
+    for row in budget_curve(adapter, budgets):
+        print(f"{row['budget']:>6}  {100 * row['kept']:>23.2f}%  {row['max_rank']:>19}")
+    return 0
