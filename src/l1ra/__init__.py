@@ -20,6 +20,8 @@ _EXPORTS = {
     "L1RAConfig": "config",
     "CheckpointError": "checkpoint",
     "from_pretrained": "checkpoint",
+    "ExportError": "export",
+    "export_adapter": "export",
     "RankHistory": "history",
     "ReallocationEvent": "history",
     "after_optimizer_step": "model",
@@ -67,6 +69,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .callback import L1RACallback
     from .checkpoint import CheckpointError, from_pretrained
     from .config import L1RAConfig
+    from .export import ExportError, export_adapter
     from .history import RankHistory, ReallocationEvent
     from .model import (
         after_optimizer_step,
