@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test run install smoke
+.PHONY: test test-llama-cpp run install smoke
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,31 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not llama_cpp"
+
+# llama.cpp itself (through llama-cpp-python, built once from its PyPI sdist with cmake: ~15 min on 2 cores, then
+# cached in ~/.cache/l1ra/llama-cpp) and its own converter scripts from the same sdist. The tests that need them are
+# marked `llama_cpp`: `make test` leaves them out, and they run here.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_CACHE := $(HOME)/.cache/l1ra/llama-cpp
+LLAMA_CPP_SDIST := $(LLAMA_CPP_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_CPP_SRC := $(LLAMA_CPP_CACHE)/src-$(LLAMA_CPP_VERSION)
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
+
+$(VENV)/.llama-cpp: $(STAMP)
+	mkdir -p $(LLAMA_CPP_CACHE)
+	test -f $(LLAMA_CPP_SDIST) || $(BIN)/pip download -q --no-deps --no-binary :all: -d $(LLAMA_CPP_CACHE) \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+	ls $(LLAMA_CPP_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-deps -w $(LLAMA_CPP_CACHE) $(LLAMA_CPP_SDIST)
+	$(BIN)/pip install -q $(LLAMA_CPP_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	test -f $(LLAMA_CPP_SRC)/convert_lora_to_gguf.py || (mkdir -p $(LLAMA_CPP_SRC) && tar -xzf $(LLAMA_CPP_SDIST) \
+		-C $(LLAMA_CPP_SRC) --strip-components=3 llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp)
+	touch $@
+
+test-llama-cpp: $(VENV)/.llama-cpp
+	LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) $(BIN)/python -m pytest -q -m llama_cpp tests/test_llamacpp.py
 
 run: $(STAMP)
 	$(BIN)/l1ra train --overwrite

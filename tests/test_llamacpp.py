@@ -117,6 +117,7 @@ def test_gemma3_names_without_permutation_and_other_architectures_refused(tmp_pa
 LLAMA_CPP_SRC = os.environ.get("LLAMA_CPP_SRC")
 
 
+@pytest.mark.llama_cpp
 @pytest.mark.skipif(not LLAMA_CPP_SRC or not Path(LLAMA_CPP_SRC, "convert_lora_to_gguf.py").is_file(),
                     reason="set LLAMA_CPP_SRC to a llama.cpp source tree to compare with its convert_lora_to_gguf.py")
 def test_same_file_as_llama_cpps_own_converter_on_the_uniform_adapter(tiny_run, tmp_path):
@@ -215,6 +216,7 @@ def _show(label, result):
     print(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
 
+@pytest.mark.llama_cpp
 @needs_llama_cpp
 @needs_converter
 def test_llama_cpp_on_an_f32_gguf_of_the_same_base_gives_peft_s_change_of_the_logits(smollm2, tmp_path_factory):
@@ -236,6 +238,7 @@ def test_llama_cpp_on_an_f32_gguf_of_the_same_base_gives_peft_s_change_of_the_lo
     assert theirs["rel"] > 10 * ours["rel"], (ours, theirs)  # the tolerance tells right from per-module-alpha loss
 
 
+@pytest.mark.llama_cpp
 @needs_llama_cpp
 def test_llama_cpp_on_the_shipped_q4_1_gguf_loads_the_adapter_and_moves_the_logits_like_peft(smollm2):
     """On the shipped Q4_1 file llama.cpp quantizes activations too (its base alone differs from the dequantized fp32
