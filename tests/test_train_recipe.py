@@ -28,10 +28,19 @@ from test_data import make_tokenizer
     (False, False, False, False, True, DevicePlan("cpu")),
 ])
 def test_plan_device(cuda, mps, cuda_bf16, bf16, cpu_default, expected):
-    plan = plan_device(cuda=cuda, mps=mps, cuda_bf16=cuda_bf16, bf16=bf16, cpu_bf16_default=cpu_default)
+    plan = plan_device(cuda=cuda, mps=mps, cuda_bf16=cuda_bf16, bf16=bf16, cpu_bf16_default=cpu_default,
+                       cpu_bf16_native=True)
     assert plan == expected
     args = plan.training_arguments()
     assert args["use_cpu"] == (plan.device == "cpu") and not (args["bf16"] and args["fp16"])
+
+
+@pytest.mark.parametrize("bf16,native,expected", [(None, False, False), (None, True, True), (True, False, True),
+                                                   (False, True, False)])
+def test_cpu_bf16_default_only_where_native(bf16, native, expected):
+    plan = plan_device(cuda=False, mps=False, cuda_bf16=False, bf16=bf16, cpu_bf16_default=True,
+                       cpu_bf16_native=native)
+    assert plan == DevicePlan("cpu", bf16=expected)
 
 
 def test_inference_dtype():

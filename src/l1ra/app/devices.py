@@ -37,14 +37,15 @@ class DevicePlan:
 
 
 def plan_device(*, cuda: bool, mps: bool, cuda_bf16: bool, bf16: Optional[bool] = None,
-                cpu_bf16_default: bool = False) -> DevicePlan:
+                cpu_bf16_default: bool = False, cpu_bf16_native: bool = True) -> DevicePlan:
     """Pick the device and the mixed precision.
 
     - CUDA: half precision unless `bf16` is explicitly False; bf16 where the GPU supports it, else fp16 (the Trainer
       then scales the loss).
     - MPS: float32 unless bf16 is asked for explicitly.
-    - CPU: bf16 autocast when asked for (`bf16`), else `cpu_bf16_default` (on for the shipped LLM, as
-      `--bf16` documents).
+    - CPU: bf16 autocast when asked for (`bf16`); by default (`cpu_bf16_default`, on for the shipped LLM) only where
+      the CPU computes bf16 natively (AVX-512-BF16 or AMX, `cpu_bf16_native`): on an AVX2-only CPU bf16 autocast is
+      emulated and measured 4-6x slower than float32 (see docs/train_speed.md).
     `bf16=None` means "not given by the user".
     """
     if cuda:
@@ -53,7 +54,7 @@ def plan_device(*, cuda: bool, mps: bool, cuda_bf16: bool, bf16: Optional[bool] 
         return DevicePlan("cuda", bf16=cuda_bf16, fp16=not cuda_bf16)
     if mps:
         return DevicePlan("mps", bf16=bool(bf16))
-    return DevicePlan("cpu", bf16=cpu_bf16_default if bf16 is None else bool(bf16))
+    return DevicePlan("cpu", bf16=(cpu_bf16_default and cpu_bf16_native) if bf16 is None else bool(bf16))
 
 
 def current_plan(bf16: Optional[bool] = None, cpu_bf16_default: bool = False) -> DevicePlan:
@@ -62,4 +63,12 @@ def current_plan(bf16: Optional[bool] = None, cpu_bf16_default: bool = False) ->
     cuda = torch.cuda.is_available()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return plan_device(cuda=cuda, mps=mps, cuda_bf16=cuda and torch.cuda.is_bf16_supported(), bf16=bf16,
-                       cpu_bf16_default=cpu_bf16_default)
+                       cpu_bf16_default=cpu_bf16_default, cpu_bf16_native=cpu_bf16_native())
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX-512-BF16 or AMX); torch exposes the checks in `torch.cpu`."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if callable(check))
