@@ -13,7 +13,8 @@ Variants, each a fresh process (so peak RSS and page faults are its own), run in
 Every variant trains through `l1ra.app.train.build_trainer` (the Trainer the CLI uses) on the same batches; the step
 time is measured from the Trainer's `on_step_begin` to `on_step_end` (forward, backward, optimizer, L1RA callback),
 the first step is a warm-up. Reported: median step time, useful (loss-carrying) tokens per second, peak RSS, minor page
-faults and system CPU time per step, and the ratios against `today` and `lora`.
+faults and user/system CPU time per step, and the ratios against `today` and `lora`. On a shared machine the CPU
+time per step (user + system) is steadier than the wall time.
 
     PYTHONPATH=src nice -n 10 python benchmarks/train_speed.py              # ~4 min on 2 shared CPU cores
     PYTHONPATH=src python benchmarks/train_speed.py --rounds 3 --steps 8    # steadier figures
@@ -161,6 +162,7 @@ def main() -> None:
             n, d = med[num], med[den]
             print(f"{num} / {den}: step time {n['step_s'] / d['step_s']:.3f}, useful tokens/s "
                   f"{n['useful_tokens_per_s'] / d['useful_tokens_per_s']:.3f}, peak RSS {n['peak_rss_mb'] / d['peak_rss_mb']:.3f}, "
+                  f"CPU time {(n['user_s_per_step'] + n['sys_s_per_step']) / (d['user_s_per_step'] + d['sys_s_per_step']):.3f}, "
                   f"minor faults {n['minor_faults_per_step'] / max(d['minor_faults_per_step'], 1):.3f}, "
                   f"system time {n['sys_s_per_step'] / max(d['sys_s_per_step'], 1e-9):.3f}")
     if a.json:
