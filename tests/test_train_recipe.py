@@ -223,6 +223,8 @@ def test_trainer_evaluate_gives_the_token_weighted_heldout_loss(tmp_path, paddin
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert trainer.data_collator.padding_free == padding_free
+    trainer.create_model_card()
+    assert not (tmp_path / "out" / "README.md").exists()
 
 
 def test_heldout_metrics_classification():
@@ -257,3 +259,11 @@ def test_all_finite_syncs_once(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append(1) or real(self))
     assert all_finite([torch.ones(4) for _ in range(50)])
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="glibc only")
+def test_keep_freed_memory_applies_on_glibc():
+    from l1ra.app.memory import keep_freed_memory
+
+    assert keep_freed_memory() is True

@@ -17,7 +17,7 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc <malloc.h>
 
 def keep_freed_memory(trim: int = 1 << 30, top_pad: int = 256 << 20, mmap: int = 32 << 20) -> bool:
     """glibc only (a no-op elsewhere): keep up to `trim` bytes of freed heap, grow the heap `top_pad` at a time, and
-    serve blocks below `mmap` bytes (glibc's ceiling on 64-bit) from the heap. Returns whether it applied."""
+    serve blocks below `mmap` bytes from the heap instead of fresh mappings. Returns whether glibc took all three."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -198,6 +198,10 @@ class LMTrainer(_HeldOut, SFTTrainer):
     def _eval_stats(self, model, inputs):
         return token_stats(*lm_token_losses(model, inputs, self.sparse_head))
 
+    def create_model_card(self, *args, **kwargs):
+        """No TRL model card (README.md) in the output folder: the run writes its own summary and the adapter folder
+        gets PEFT's card."""
+
 
 class ClassifierTrainer(_HeldOut, Trainer):
     task = "classification"
