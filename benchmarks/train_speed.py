@@ -104,7 +104,8 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, bf16: Opt
     step_s = statistics.median(times[1:])
     return {
         "variant": variant, "device": plan.describe(), "padding_free": trainer.data_collator.padding_free,
-        "sparse_head": trainer.sparse_head, "step_s": step_s, "useful_tokens_per_s": statistics.mean(useful) / step_s,
+        "sparse_head": trainer.sparse_head, "step_s": step_s, "useful_tokens_per_step": statistics.mean(useful),
+        "useful_tokens_per_s": statistics.mean(useful) / step_s,
         "peak_rss_mb": after.ru_maxrss / 1024, "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / total,
         "sys_s_per_step": (after.ru_stime - before.ru_stime) / total,
         "user_s_per_step": (after.ru_utime - before.ru_utime) / total,
@@ -144,10 +145,12 @@ def main() -> None:
             print(f"round {r + 1} {v:12s} step {res['step_s']:.2f}s  {res['useful_tokens_per_s']:.0f} useful tok/s  "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB  {res['minor_faults_per_step']:.0f} minor faults/step  "
                   f"sys {res['sys_s_per_step']:.2f}s/step", file=sys.stderr, flush=True)
-    med = {v: {k: statistics.median(x[k] for x in rs) for k in ("step_s", "useful_tokens_per_s", "peak_rss_mb",
+    med = {v: {k: statistics.median(x[k] for x in rs) for k in ("step_s", "useful_tokens_per_step", "peak_rss_mb",
                                                                   "minor_faults_per_step", "sys_s_per_step",
                                                                   "user_s_per_step")}
            for v, rs in results.items()}
+    for m in med.values():  # tokens per second at the median step time (a median of ratios would not invert)
+        m["useful_tokens_per_s"] = m["useful_tokens_per_step"] / m["step_s"]
     first = next(iter(results.values()))[0]
     print(f"device {first['device']}; {a.layers or 30} decoder blocks; batch {a.batch_size} x {a.max_length} tokens; {a.steps} timed steps x "
           f"{a.rounds} rounds per variant; medians")
