@@ -69,7 +69,9 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, bf16: Opt
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
                                                  task_type="CAUSAL_LM"))
-        optimizer, callbacks = None, []
+        # the same optimizer class as l1ra.create_optimizer (the Trainer's default, fused AdamW, differs on a CPU)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
+        callbacks = []
     else:
         model = l1ra.get_l1ra_model(model, l1ra.L1RAConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                                            lora_dropout=0.0, task_type="CAUSAL_LM", l1ra_lambda=0.5,
