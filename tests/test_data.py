@@ -159,12 +159,33 @@ def test_messages_rows_given_as_json_strings():
     assert (len(examples), skipped) == (1, 1)
 
 
-def test_pad_collator():
-    batch = data.PadCollator(0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "attention_mask": [1, 1, 1]},
-                                 {"input_ids": [8], "labels": [8], "attention_mask": [1]}])
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+def test_sft_rows_formats_and_skips():
+    chat, plain = make_tokenizer(), make_tokenizer(chat=False)
+    pc = data.Format("prompt-completion", prompt="q", completion="a")
+    rows = [{"q": "What?", "a": "That."}, {"q": "", "a": "x"}, {"q": "y", "a": None}]
+    out, skipped = data.sft_rows(chat, rows, pc, 64)
+    assert skipped == 2 and out == [{"prompt": [{"role": "user", "content": "What?"}],
+                                     "completion": [{"role": "assistant", "content": "That."}]}]
+    assert data.sft_rows(plain, rows, pc, 64)[0] == [{"prompt": "What?", "completion": "That."}]
+    assert data.sft_rows(chat, [{"t": "hi"}, {"t": " "}], data.Format("text", text="t"), 64) == ([{"text": "hi"}], 1)
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    out, skipped = data.sft_rows(chat, [{"m": msgs}, {"m": msgs[:1]}], data.Format("messages", messages="m"), 64)
+    ref = data.tokenize_messages(chat, msgs, 64)
+    assert skipped == 1 and out == [{"input_ids": ref["input_ids"], "labels": ref["labels"]}]
+
+
+def test_lm_collator_padded_and_padding_free():
+    from l1ra.app.trainers import lm_collator
+
+    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
+    padded = lm_collator(0, padding_free=False)(examples)
+    assert padded["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert padded["labels"].tolist() == [[-100, 6, 7], [8, 9, -100]]
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    flat = lm_collator(0, padding_free=True)(examples)
+    assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9]] and "attention_mask" not in flat
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert flat["labels"].tolist() == [[-100, 6, 7, -100, 9]]  # no example predicts the next one's first token
 
 
 def test_split_heldout_is_seeded_and_bounded():

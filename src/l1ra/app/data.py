@@ -6,8 +6,11 @@ Rows are plain dicts. Three formats are understood:
 - chat messages: `{"messages": [{"role": ..., "content": ...}, ...]}`; the loss is on the assistant turns only;
 - plain text: `{"text": str}`; the loss is on every token.
 
-Tokenised examples are `{"input_ids": list[int], "labels": list[int], "attention_mask": list[int]}` with label -100
-on tokens that carry no loss; `PadCollator` pads them into a batch.
+`sft_rows` hands rows to TRL's `SFTTrainer` in its formats (prompt/completion, conversational when the tokenizer has a
+chat template; language modelling `text`), so TRL tokenises them with completion-only loss. Chat messages are
+tokenised here (`tokenize_messages`): TRL's assistant-only loss needs `{% generation %}` markers that most chat
+templates (SmolLM2's among them) lack. Tokenised examples are `{"input_ids", "labels", "attention_mask"}` lists with
+label -100 on tokens that carry no loss; `tokenize_prompt_completion` is the reference the TRL path is tested against.
 """
 
 from __future__ import annotations
@@ -376,23 +379,34 @@ def split_heldout(rows: Sequence[Any], fraction: float, seed: int, max_heldout: 
     return [rows[i] for i in order[n:]], [rows[i] for i in order[:n]]
 
 
-class PadCollator:
-    """Pads tokenised examples to the longest in the batch (right padding; labels padded with -100)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
+def sft_rows(tokenizer, rows: Sequence[dict], fmt: Format, max_length: int) -> tuple[list[dict], int]:
+    """Rows for TRL's `SFTTrainer`: `(rows, skipped)`, skipped rows being empty (or, for chats, without a usable
+    assistant turn after truncation to `max_length`).
 
-    def __call__(self, examples: list[dict]) -> dict:
-        import torch
-
-        n = max(len(e["input_ids"]) for e in examples)
-        if self.pad_to_multiple_of:
-            n = -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {"input_ids": [], "labels": [], "attention_mask": []}
-        for e in examples:
-            pad = n - len(e["input_ids"])
-            batch["input_ids"].append(list(e["input_ids"]) + [self.pad_token_id] * pad)
-            batch["labels"].append(list(e["labels"]) + [IGNORE_INDEX] * pad)
-            batch["attention_mask"].append(list(e["attention_mask"]) + [0] * pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    - prompt/completion -> `{"prompt": [user turn], "completion": [assistant turn]}` with a chat template (TRL renders
+      the template and puts the loss on the completion tokens, end-of-turn included), `{"prompt", "completion"}`
+      strings without one (TRL appends EOS);
+    - text -> `{"text": str}` (loss on every token, EOS appended by TRL);
+    - messages -> already tokenised `{"input_ids", "labels"}` (assistant turns only), which TRL takes as they are.
+    """
+    out, skipped = [], 0
+    chat = uses_chat_template(tokenizer)
+    for row in rows:
+        item = None
+        if fmt.kind == "prompt-completion":
+            p, c = row.get(fmt.prompt), row.get(fmt.completion)
+            if _is_text(p) and _is_text(c):
+                item = ({"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
+                        if chat else {"prompt": p, "completion": c})
+        elif fmt.kind == "text":
+            t = row.get(fmt.text)
+            item = {"text": t} if _is_text(t) else None
+        else:
+            examples, _ = tokenize_rows(tokenizer, [row], fmt, max_length)
+            item = {"input_ids": examples[0]["input_ids"], "labels": examples[0]["labels"]} if examples else None
+        if item is None:
+            skipped += 1
+        else:
+            out.append(item)
+    return out, skipped

@@ -49,11 +49,14 @@ def base_model_path(adapter: Path, run: Optional[Path], model: Optional[str]) ->
     return base
 
 
-def load_tuned(run_dir, model: Optional[str] = None):
-    """`(peft_model, tokenizer, task)` with the adapter loaded for inference."""
+def load_tuned(run_dir, model: Optional[str] = None, merge: bool = False):
+    """`(peft_model, tokenizer, task)` with the adapter loaded for inference, on the best device (cuda > mps > cpu):
+    in half precision on CUDA for generation, in float32 to merge (the merged weights are saved as float32)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from .devices import current_plan
 
     adapter, run = find_adapter(run_dir)
     base_path = base_model_path(adapter, run, model)
@@ -61,8 +64,10 @@ def load_tuned(run_dir, model: Optional[str] = None):
         raise ServeError(f"base model {base_path} not found; pass --model")
     task_type = json.loads((adapter / "adapter_config.json").read_text()).get("task_type")
     cls = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
+    plan = current_plan()
+    dtype = torch.float32 if merge else plan.inference_dtype()
     try:
-        base = cls.from_pretrained(base_path, dtype=torch.float32)
+        base = cls.from_pretrained(base_path, dtype=dtype)
         tok_src = adapter if (adapter / "tokenizer_config.json").exists() else base_path
         tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
     except Exception as err:
@@ -71,7 +76,7 @@ def load_tuned(run_dir, model: Optional[str] = None):
         peft_model = PeftModel.from_pretrained(base, str(adapter))
     except Exception as err:
         raise ServeError(f"{adapter}: cannot load the adapter onto {base_path} ({str(err).splitlines()[0][:200]})") from None
-    peft_model.eval()
+    peft_model.to(plan.device).eval()
     return peft_model, tokenizer, task_type
 
 
@@ -80,8 +85,8 @@ def merge(run_dir, out, model: Optional[str] = None, overwrite: bool = False) ->
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ServeError(f"--out {out}: exists and is not empty; pass --overwrite or choose another folder")
-    peft_model, tokenizer, _ = load_tuned(run_dir, model)
-    merged = peft_model.merge_and_unload()
+    peft_model, tokenizer, _ = load_tuned(run_dir, model, merge=True)
+    merged = peft_model.merge_and_unload().to("cpu")
     with atomic_dir(out) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -100,13 +105,14 @@ def generate(run_dir, prompt: str, model: Optional[str] = None, max_new_tokens: 
         raise ServeError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
     peft_model, tokenizer, task_type = load_tuned(run_dir, model)
     if task_type == "SEQ_CLS":
-        enc = tokenizer(prompt, return_tensors="pt", truncation=True)
+        enc = tokenizer(prompt, return_tensors="pt", truncation=True).to(peft_model.device)
         with torch.no_grad():
-            probs = peft_model(**enc).logits.softmax(-1)[0]
+            probs = peft_model(**enc).logits.float().softmax(-1)[0]
         label = int(probs.argmax())
         return f"{'positive' if label == 1 else 'negative'} (p={probs[label]:.3f})"
     text = render_prompt(tokenizer, prompt)
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not bool(getattr(tokenizer, "chat_template", None)))
+    enc = enc.to(peft_model.device)
     with torch.no_grad():
         ids = peft_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

@@ -20,23 +20,16 @@ from ..atomic import atomic_dir, atomic_write_json
 from .data import DataError
 from .models import _first_line, check_target_modules, load_model, load_tokenizer, resolve_model_path
 from .options import RunError, TrainOptions, _flagify, _targets, _validate, resolve_preset
+from .report import METRICS, RANK_HISTORY, SUMMARY
 
 ADAPTER_DIR = "adapter"
 RUN_CONFIG = "train_config.json"
-METRICS = "metrics.json"
-RANK_HISTORY = "rank_history.json"
-OUTPUT_FILES = (ADAPTER_DIR, METRICS, RANK_HISTORY, RUN_CONFIG, "summary.txt", "rank_heatmap.png",
+OUTPUT_FILES = (ADAPTER_DIR, METRICS, RANK_HISTORY, RUN_CONFIG, SUMMARY, "rank_heatmap.png",
                 "rank_by_module_type.png", "loss_curves.png")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _ppl(loss: Optional[float]) -> Optional[float]:
-    if loss is None or not math.isfinite(loss):
-        return None
-    return math.exp(min(loss, 50.0))
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
@@ -79,10 +72,11 @@ def check_output_dir(opts: TrainOptions) -> Optional[Path]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Model and data
+# Data
 
 
 def prepare_llm_data(opts: TrainOptions, tokenizer, log) -> tuple[list[dict], list[dict], dict]:
+    """`(train rows, held-out rows, info)` in the formats TRL's SFTTrainer takes (see `data.sft_rows`)."""
     from . import data
 
     if opts.dataset is None:
@@ -107,8 +101,10 @@ def prepare_llm_data(opts: TrainOptions, tokenizer, log) -> tuple[list[dict], li
             train_rows, held_rows = data.split_heldout(rows, opts.eval_fraction, opts.seed, opts.max_eval)
         info = {"dataset": opts.dataset, "split_seed": opts.seed, "eval_split": eval_name or f"{opts.eval_fraction:g} held out"}
     info["format"] = fmt.describe()
-    train, skipped = data.tokenize_rows(tokenizer, train_rows, fmt, opts.max_length)
-    held, held_skipped = data.tokenize_rows(tokenizer, held_rows[: opts.max_eval], fmt, opts.max_length)
+    if fmt.kind == "messages" and not data.uses_chat_template(tokenizer):
+        raise DataError("the dataset holds chat messages but the model's tokenizer has no chat template")
+    train, skipped = data.sft_rows(tokenizer, train_rows, fmt, opts.max_length)
+    held, held_skipped = data.sft_rows(tokenizer, held_rows[: opts.max_eval], fmt, opts.max_length)
     if not train:
         raise DataError(f"--dataset {opts.dataset or 'gsm8k'}: no usable example in {fmt.describe()} "
                         f"({skipped} rows empty or without a loss token); check the columns or --max-length")
@@ -139,54 +135,53 @@ def prepare_sentiment_data(opts: TrainOptions, tokenizer) -> tuple[list[dict], l
     return enc(train_rows), enc(val_rows), info
 
 
-class ClassifierCollator:
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, examples):
-        import torch
-
-        n = max(len(e["input_ids"]) for e in examples)
-        ids = [e["input_ids"] + [self.pad_token_id] * (n - len(e["input_ids"])) for e in examples]
-        mask = [e["attention_mask"] + [0] * (n - len(e["attention_mask"])) for e in examples]
-        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
-                "labels": torch.tensor([e["labels"] for e in examples])}
+def _report_to(opts) -> object:
+    value = getattr(opts, "report_to", "none") or "none"
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    names = [v.strip() for v in str(value).split(",") if v.strip()]
+    return names[0] if len(names) == 1 else names
 
 
-def evaluate(model, examples: list[dict], collator, batch_size: int, bf16: bool, task: str) -> dict:
-    """Token-weighted mean loss over the labelled tokens (causal LM) or mean loss and accuracy (classifier)."""
-    import torch
-    import torch.nn.functional as F
+def build_trainer(task: str, model, tokenizer, train_rows: list[dict], held_rows: list[dict], args_kwargs: dict,
+                  optimizer, callbacks, max_length: int, padding_free: Optional[bool] = None,
+                  sparse_head: Optional[bool] = None):
+    """The Trainer of a run: `LMTrainer` (TRL's SFTTrainer: completion-only loss, sparse LM head, padding-free
+    batches where the model supports them) or `ClassifierTrainer`; both evaluate the held-out rows."""
+    import datasets
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    total, count, correct = 0.0, 0, 0
-    try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for start in range(0, len(order), batch_size):
-                batch = collator([examples[i] for i in order[start:start + batch_size]])
-                labels = batch.pop("labels")
-                logits = model(**batch).logits.float()
-                if task == "classification":
-                    total += F.cross_entropy(logits, labels, reduction="sum").item()
-                    correct += (logits.argmax(-1) == labels).sum().item()
-                    count += len(labels)
-                else:
-                    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-                    total += F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                                             ignore_index=-100, reduction="sum").item()
-                    count += int((shift_labels != -100).sum())
-    finally:
-        model.train(was_training)
-    loss = total / max(count, 1)
-    out = {"loss": loss}
+    from .trainers import ClassifierTrainer, LMTrainer, classifier_collator, lm_collator, supports_padding_free
+
+    train_ds, held_ds = datasets.Dataset.from_list(train_rows), datasets.Dataset.from_list(held_rows)
     if task == "classification":
-        out["accuracy"] = correct / max(count, 1)
+        trainer = ClassifierTrainer(model=model, args=TrainingArguments(**args_kwargs), train_dataset=train_ds,
+                                    eval_dataset=held_ds, data_collator=classifier_collator(tokenizer),
+                                    optimizers=(optimizer, None), callbacks=callbacks)
     else:
-        out["perplexity"] = _ppl(loss)
-        out["tokens"] = count
-    return out
+        from trl import SFTConfig
+
+        if padding_free is None:
+            padding_free = supports_padding_free(model)
+        # SFTConfig's own defaults (gradient checkpointing, bf16 on) are overridden: the run's plan decides
+        ckpt_field = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+                      else "gradient_checkpointing")  # renamed in transformers 5.x
+        cfg = SFTConfig(**args_kwargs, max_length=max_length, completion_only_loss=True, packing=False,
+                        padding_free=False, dataset_num_proc=None, shuffle_dataset=False, **{ckpt_field: False})
+        progress = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # TRL tokenises with Dataset.map; its bars would flood the log
+        try:
+            trainer = LMTrainer(model=model, args=cfg, train_dataset=train_ds, eval_dataset=held_ds,
+                                processing_class=tokenizer,
+                                data_collator=lm_collator(tokenizer.pad_token_id, padding_free),
+                                optimizers=(optimizer, None), callbacks=callbacks, sparse_head=sparse_head)
+        finally:
+            if progress:
+                datasets.enable_progress_bars()
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    return trainer
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -207,6 +202,13 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     task = "classification" if opts.preset == "sentiment" else "causal-lm"
     t_start = time.time()
     torch.manual_seed(opts.seed)
+    from .devices import current_plan
+
+    plan = current_plan(bf16=opts.bf16 if "bf16" in explicit else None, cpu_bf16_default=bool(opts.bf16))
+    if plan.device == "cpu":
+        from .memory import keep_freed_memory
+
+        keep_freed_memory()  # fewer page faults per step (docs/train_speed.md)
 
     if task == "classification":
         from .assets import minilm_dir
@@ -216,13 +218,9 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
         model_path = resolve_model_path(opts.model)
     tokenizer = load_tokenizer(model_path)
     if task == "classification":
-        train_ex, held_ex, data_info = prepare_sentiment_data(opts, tokenizer)
-        collator = ClassifierCollator(tokenizer.pad_token_id)
+        train_rows, held_rows, data_info = prepare_sentiment_data(opts, tokenizer)
     else:
-        from .data import PadCollator
-
-        train_ex, held_ex, data_info = prepare_llm_data(opts, tokenizer, log)
-        collator = PadCollator(tokenizer.pad_token_id)
+        train_rows, held_rows, data_info = prepare_llm_data(opts, tokenizer, log)
     model = load_model(model_path, task)
 
     import l1ra
@@ -249,10 +247,40 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     budget = model.l1ra_state.budget
 
-    steps_per_epoch = max(1, math.ceil(len(train_ex) / (opts.batch_size * opts.grad_accum)))
+    steps_per_epoch = max(1, math.ceil(len(train_rows) / (opts.batch_size * opts.grad_accum)))
     max_steps = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
     eval_steps = opts.eval_steps or max(1, math.ceil(max_steps / 2))
     save_steps = opts.save_steps or max(1, math.ceil(max_steps / 4))
+    eval_bs = max(opts.batch_size, 16) if task == "causal-lm" else 128
+
+    from .monitor import Recorder, RunCallback
+
+    args_kwargs = dict(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=eval_bs, gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr,
+        lr_scheduler_type="cosine", warmup_steps=max(1, round(0.1 * max_steps)), weight_decay=0.0, max_grad_norm=1.0,
+        logging_steps=1, logging_nan_inf_filter=False, save_strategy="steps", save_steps=save_steps,
+        save_total_limit=1, eval_strategy="steps", eval_steps=eval_steps, seed=opts.seed, data_seed=opts.seed,
+        report_to=_report_to(opts), disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+        **plan.training_arguments(),
+    )
+    optimizer = l1ra.create_optimizer(model, lr=opts.lr)
+    previous = _read_json(out / METRICS) if resume_ckpt else {}  # earlier curves when resuming
+    progress_cb = RunCallback(None, max_steps, start=_ckpt_step(resume_ckpt))
+    trainer = build_trainer(task, model, tokenizer, train_rows, held_rows, args_kwargs, optimizer,
+                            [l1ra.L1RACallback(), progress_cb], opts.max_length)
+    if task == "causal-lm":
+        # TRL drops examples that truncation to --max-length leaves without a loss token
+        dropped = len(train_rows) - len(trainer.train_dataset), len(held_rows) - len(trainer.eval_dataset)
+        if not len(trainer.train_dataset) or not len(trainer.eval_dataset):
+            which = "training" if not len(trainer.train_dataset) else "held-out"
+            raise DataError(f"--max-length {opts.max_length}: no {which} example keeps a loss token after truncation; "
+                            "raise --max-length")
+        if any(dropped):
+            log(f"l1ra: skipped {sum(dropped)} rows left without a loss token by --max-length {opts.max_length}")
+        data_info.update(train_examples=len(trainer.train_dataset), eval_examples=len(trainer.eval_dataset),
+                         padding_free=trainer.data_collator.padding_free, sparse_lm_head=trainer.sparse_head)
+    data_info["device"] = plan.describe()
 
     run_config = {"options": dataclasses.asdict(opts), "model_path": model_path, "task": task, "max_steps": max_steps,
                   "data": data_info, "l1ra_config": {k: v for k, v in config.l1ra_dict().items() if k != "total_steps"},
@@ -263,42 +291,25 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     log(f"l1ra: {shown} | {data_info['dataset']} "
         f"({data_info['format']}, {data_info['train_examples']} train / {data_info['eval_examples']} held out) | "
         f"{len(model.l1ra_state.layers)} adapters, budget {budget} ranks, {trainable:,} trainable parameters | "
-        f"{max_steps} steps of {opts.batch_size}x{opts.grad_accum}")
+        f"{max_steps} steps of {opts.batch_size}x{opts.grad_accum} on {plan.describe()}")
 
-    # Earlier curves when resuming
-    previous = _read_json(out / METRICS) if resume_ckpt else {}
     recorder = Recorder(out, task, previous, run_config, budget, trainable)
+    progress_cb.recorder = recorder
+    recorder.truncate(progress_cb.start)
 
-    eval_bs = max(opts.batch_size, 16) if task == "causal-lm" else 128
-    log("l1ra: scoring the base model on the held-out set ...")
-    with model.disable_adapter():
-        base = previous.get("base") or evaluate(model, held_ex, collator, eval_bs, opts.bf16, task)
+    from .trainers import from_trainer_metrics
+
+    base = previous.get("base")
+    if not base:
+        log("l1ra: scoring the base model on the held-out set ...")
+        with model.disable_adapter():  # on the device and in the precision that train
+            base = from_trainer_metrics(trainer.evaluate())
     recorder.metrics["base"] = base
     recorder.eval_curve = [p for p in recorder.eval_curve if p[0] != 0] + [[0, base["loss"]]]
     recorder.flush()
 
-    from transformers import Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    args = TrainingArguments(
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=opts.batch_size,
-        gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr, lr_scheduler_type="cosine",
-        warmup_steps=max(1, round(0.1 * max_steps)), weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
-        logging_nan_inf_filter=False, save_strategy="steps", save_steps=save_steps, save_total_limit=1,
-        eval_strategy="no", bf16=opts.bf16, use_cpu=not torch.cuda.is_available(), seed=opts.seed,
-        data_seed=opts.seed, report_to="none", disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )
-    optimizer = l1ra.create_optimizer(model, lr=opts.lr)
-    progress_cb = RunCallback(recorder, held_ex, collator, eval_bs, opts.bf16, task, eval_steps, max_steps,
-                              start=_ckpt_step(resume_ckpt))
-    counting = CountingCollator(collator)
-    trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(train_ex), data_collator=counting,
-                      optimizers=(optimizer, None), callbacks=[l1ra.L1RACallback(), progress_cb])
-    for cb in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cb)
-
     t_train = time.time()
+    eval_before = trainer.eval_seconds
     recorder.metrics["status"] = "running"
     try:
         trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
@@ -311,7 +322,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
                        "interrupted before the first checkpoint; nothing to resume") from None
     finally:
         progress_cb.close()
-    train_seconds = time.time() - t_train - progress_cb.eval_seconds  # optimisation time, evaluations excluded
+    train_seconds = time.time() - t_train - (trainer.eval_seconds - eval_before)  # evaluations excluded
     if progress_cb.nonfinite is not None:
         recorder.metrics["status"] = "failed: non-finite loss"
         recorder.flush(model)
@@ -323,12 +334,12 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     tuned = progress_cb.last_eval if progress_cb.last_eval_step == max_steps else None
     if tuned is None:
         log("l1ra: scoring the tuned model on the held-out set ...")
-        tuned = evaluate(model, held_ex, collator, eval_bs, opts.bf16, task)
+        tuned = from_trainer_metrics(trainer.evaluate())
         recorder.eval_curve.append([trainer.state.global_step, tuned["loss"]])
     save_adapter(model, tokenizer, out / ADAPTER_DIR)
 
     hist = l1ra.rank_history(model)
-    tokens = counting.tokens
+    tokens = trainer.train_tokens
     recorder.metrics.update(
         status="finished",
         tuned=tuned,
@@ -360,164 +371,8 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-class CountingCollator:
-    """Wraps a collator and counts the (non-padding) tokens it hands to training."""
-
-    def __init__(self, collator):
-        self.collator = collator
-        self.tokens = 0
-
-    def __call__(self, examples):
-        batch = self.collator(examples)
-        self.tokens += int(batch["attention_mask"].sum())
-        return batch
-
-
-class _ListDataset:
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 def save_adapter(model, tokenizer, target: Path) -> None:
     """Write the adapter folder under a temporary name, then swap it into place: never half-written."""
     with atomic_dir(target) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-
-
-class Recorder:
-    """Keeps curves and metrics and rewrites `metrics.json` / `rank_history.json` atomically as the run goes."""
-
-    def __init__(self, out: Path, task: str, previous: dict, run_config: dict, budget: int, trainable: int):
-        self.out = out
-        self.task = task
-        curves = previous.get("curves", {})
-        self.train_curve: list = curves.get("train", [])
-        self.eval_curve: list = curves.get("eval", [])
-        self.lr_curve: list = curves.get("lr", [])
-        self.metrics: dict = {
-            "task": task, "model": run_config["model_path"], "dataset": run_config["data"]["dataset"],
-            "budget": budget, "trainable_parameters": trainable, "max_steps": run_config["max_steps"],
-            "options": run_config["options"], "l1ra_config": run_config["l1ra_config"],
-        }
-        if previous.get("base"):
-            self.metrics["base"] = previous["base"]
-
-    def truncate(self, step: int) -> None:
-        self.train_curve = [p for p in self.train_curve if p[0] <= step]
-        self.lr_curve = [p for p in self.lr_curve if p[0] <= step]
-        self.eval_curve = [p for p in self.eval_curve if p[0] <= step]
-
-    def flush(self, model=None) -> None:
-        self.metrics["curves"] = {"train": self.train_curve, "eval": self.eval_curve, "lr": self.lr_curve}
-        if self.train_curve:
-            # The adapters start as an exact no-op (B = 0), so the first step's loss is the base model's on that batch.
-            tail = [v for _, v in self.train_curve[-10:]]
-            first, last = self.train_curve[0][1], sum(tail) / len(tail)
-            self.metrics["train_loss"] = {"base_first_batch": first, "base_first_batch_perplexity": _ppl(first),
-                                          "tuned_last10_mean": last, "tuned_last10_mean_perplexity": _ppl(last)}
-        atomic_write_json(self.out / METRICS, self.metrics)
-        if model is not None:
-            write_rank_history(model, self.out / RANK_HISTORY)
-
-
-def write_rank_history(model, path: Path) -> None:
-    import l1ra
-
-    st = l1ra.find_l1ra_model(model).l1ra_state
-    atomic_write_json(path, {"budget": st.budget, "total_steps": st.total_steps,
-                             "moved": st.history.total_moved, "events": st.history.to_json()})
-
-
-from transformers import TrainerCallback  # noqa: E402  (train.py is only imported when training)
-
-
-class RunCallback(TrainerCallback):
-    """Progress bar, loss/lr curves, periodic held-out evaluation, non-finite guard, live rank history."""
-
-    def __init__(self, recorder: Recorder, held, collator, eval_bs, bf16, task, eval_steps, max_steps, start=0):
-        self.recorder = recorder
-        self.held, self.collator, self.eval_bs, self.bf16, self.task = held, collator, eval_bs, bf16, task
-        self.eval_steps, self.max_steps, self.start = eval_steps, max_steps, start
-        self.progress = None
-        self.nonfinite: Optional[int] = None
-        self.last_eval = None
-        self.last_eval_step = None
-        self.n_events = 0
-        self.eval_seconds = 0.0
-        self.model = None
-        recorder.truncate(start)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from .progress import Progress
-
-        self.model = model
-        self.progress = Progress(self.max_steps, start=state.global_step)
-
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        logs = logs or {}
-        if "loss" not in logs:
-            return
-        loss = float(logs["loss"])
-        step = state.global_step
-        if not math.isfinite(loss):
-            self._stop(step, control)
-            return
-        self.recorder.train_curve.append([step, loss])
-        if "learning_rate" in logs:
-            self.recorder.lr_curve.append([step, float(logs["learning_rate"])])
-        import l1ra
-
-        moved = l1ra.rank_history(model or self.model).total_moved
-        if self.progress:
-            self.progress.update(step, loss=loss, lr=logs.get("learning_rate"), moved=moved)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        import torch
-
-        if self.nonfinite is not None:
-            return
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not all(torch.isfinite(p).all() for p in params):
-            self._stop(state.global_step, control)
-            return
-        import l1ra
-
-        events = l1ra.rank_history(model).events
-        if len(events) != self.n_events:
-            self.n_events = len(events)
-            write_rank_history(model, self.recorder.out / RANK_HISTORY)
-        step = state.global_step
-        if step % self.eval_steps == 0 or step == self.max_steps:
-            t0 = time.time()
-            result = evaluate(model, self.held, self.collator, self.eval_bs, self.bf16, self.task)
-            self.eval_seconds += time.time() - t0
-            self.last_eval, self.last_eval_step = result, step
-            self.recorder.eval_curve.append([step, result["loss"]])
-            extra = f", accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
-            if self.progress:
-                self.progress.write(f"step {step}: held-out loss {result['loss']:.4f}{extra}")
-            self.recorder.flush(model)
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        self.recorder.flush(model)
-
-    def _stop(self, step: int, control) -> None:
-        self.nonfinite = step
-        control.should_training_stop = True
-        control.should_save = False
-        control.should_evaluate = False
-
-    def close(self):
-        if self.progress:
-            self.progress.close()
-            self.progress = None
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.close()

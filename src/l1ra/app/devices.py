@@ -1,0 +1,74 @@
+"""Where a run computes and in which precision: one decision, shared by `train`, `generate` and `merge`.
+
+`plan_device` is a plain function of what the machine offers (passed in, so every branch is testable without a GPU);
+`current_plan` asks torch. The Trainer gets the result through `training_arguments()` and does the placement,
+autocast and (fp16) loss scaling itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    device: str  # "cuda", "mps" or "cpu"
+    bf16: bool = False  # bf16 mixed precision (autocast)
+    fp16: bool = False  # fp16 mixed precision with the Trainer's gradient scaler
+
+    def training_arguments(self) -> dict:
+        """The `TrainingArguments` fields that carry this plan (the Trainer picks cuda > mps > cpu by itself;
+        `use_cpu` only tells it that a CPU run is meant, which its bf16 check needs)."""
+        return {"bf16": self.bf16, "fp16": self.fp16, "use_cpu": self.device == "cpu"}
+
+    def inference_dtype(self):
+        """dtype to load a model in for inference (generation): half precision on CUDA, float32 elsewhere."""
+        import torch
+
+        if self.bf16 and self.device == "cuda":
+            return torch.bfloat16
+        if self.fp16:
+            return torch.float16
+        return torch.float32
+
+    def describe(self) -> str:
+        return f"{self.device}, {'bf16' if self.bf16 else 'fp16' if self.fp16 else 'fp32'}"
+
+
+def plan_device(*, cuda: bool, mps: bool, cuda_bf16: bool, bf16: Optional[bool] = None,
+                cpu_bf16_default: bool = False, cpu_bf16_native: bool = True) -> DevicePlan:
+    """Pick the device and the mixed precision.
+
+    - CUDA: half precision unless `bf16` is explicitly False; bf16 where the GPU supports it, else fp16 (the Trainer
+      then scales the loss).
+    - MPS: float32 unless bf16 is asked for explicitly.
+    - CPU: bf16 autocast when asked for (`bf16`); by default (`cpu_bf16_default`, on for the shipped LLM) only where
+      the CPU computes bf16 natively (AVX-512-BF16 or AMX, `cpu_bf16_native`): on an AVX2-only CPU bf16 autocast is
+      emulated and measured 4-6x slower than float32 (see docs/train_speed.md).
+    `bf16=None` means "not given by the user".
+    """
+    if cuda:
+        if bf16 is False:
+            return DevicePlan("cuda")
+        return DevicePlan("cuda", bf16=cuda_bf16, fp16=not cuda_bf16)
+    if mps:
+        return DevicePlan("mps", bf16=bool(bf16))
+    return DevicePlan("cpu", bf16=(cpu_bf16_default and cpu_bf16_native) if bf16 is None else bool(bf16))
+
+
+def current_plan(bf16: Optional[bool] = None, cpu_bf16_default: bool = False) -> DevicePlan:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return plan_device(cuda=cuda, mps=mps, cuda_bf16=cuda and torch.cuda.is_bf16_supported(), bf16=bf16,
+                       cpu_bf16_default=cpu_bf16_default, cpu_bf16_native=cpu_bf16_native())
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX-512-BF16 or AMX); torch exposes the checks in `torch.cpu`."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if callable(check))

@@ -1,0 +1,224 @@
+"""The Trainers of `l1ra train`: TRL's `SFTTrainer` for causal LMs, `transformers.Trainer` for classifiers, with one
+loss and one held-out evaluation each.
+
+Both run on whatever device and precision `TrainingArguments` say (placement, autocast, fp16 scaling and gathering
+across processes are the Trainer's). What is ours:
+
+- the causal-LM loss projects through the LM head only the positions whose next token carries loss (the model's
+  `logits_to_keep`), so no `(batch, length, vocabulary)` logits are built for prompt or padding tokens;
+- the held-out metric is the token-weighted mean over the answer tokens (and accuracy for a classifier): the
+  prediction step returns per-example `[loss sum, loss tokens, correct]` rows that the Trainer gathers across
+  processes, and `compute_metrics` reduces them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import DataCollatorWithPadding, Trainer
+from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+IGNORE_INDEX = -100
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Collators: one per data kind
+
+
+def lm_collator(pad_token_id: int, padding_free: bool) -> DataCollatorForLanguageModeling:
+    """Causal LM examples (`input_ids`, `labels`): TRL's collator, padded per batch or flattened into one row with
+    `position_ids` (padding-free; the attention is kept within each example by the model's packed-sequence mask)."""
+    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=padding_free)
+
+
+def classifier_collator(tokenizer) -> DataCollatorWithPadding:
+    return DataCollatorWithPadding(tokenizer)
+
+
+def supports_padding_free(model) -> bool:
+    """Padding-free batches need a model whose attention builds its mask from `position_ids` (transformers'
+    attention-interface models: Llama, Qwen, Gemma, GPT-2, ... ; checked in tests/test_train_recipe.py)."""
+    base = _base_model(model)
+    generative = callable(getattr(base, "can_generate", None)) and base.can_generate()
+    return generative and bool(getattr(base, "_supports_attention_backend", False)) and _accepts(base, "position_ids")
+
+
+def _base_model(model):
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loss and per-example statistics
+
+
+def lm_token_losses(model, inputs: dict, sparse_head: bool = True):
+    """`(per_token_loss, example_index, n_examples)` for the tokens that carry loss (label != -100, shifted by one).
+
+    With `sparse_head` the LM head runs only on those positions (`logits_to_keep` with their indices). For a padded
+    batch the kept positions are the union over its rows; a padding-free batch is one row, so exactly the loss ones.
+    """
+    labels = inputs["labels"]
+    feed = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+    feed["use_cache"] = False  # a cache also turns off the packed-sequence mask of padding-free batches
+    targets = labels[:, 1:]
+    carry = targets != IGNORE_INDEX
+    if sparse_head:
+        keep = carry.any(0).nonzero().squeeze(1)  # positions whose next token carries loss
+        logits = model(**feed, logits_to_keep=keep).logits  # (batch, kept, vocab)
+        targets, carry = targets[:, keep], carry[:, keep]
+    else:
+        keep = None
+        logits = model(**feed).logits[:, :-1]
+    picked = logits[carry]  # (loss tokens, vocab)
+    loss = F.cross_entropy(picked.float(), targets[carry], reduction="none")
+    rows = labels.size(0)
+    if rows == 1 and "position_ids" in inputs and "attention_mask" not in inputs:
+        # padding-free: one row of concatenated examples; each starts where its position id is 0
+        starts = (inputs["position_ids"][0] == 0).long()
+        example = starts.cumsum(0)[:-1] - 1  # example of each predicting position
+        if keep is not None:
+            example = example[keep]
+        example = example.unsqueeze(0).expand_as(carry)[carry]
+        n_examples = int(starts.sum())
+    else:
+        example = torch.arange(rows, device=labels.device).unsqueeze(1).expand_as(carry)[carry]
+        n_examples = rows
+    return loss, example, n_examples
+
+
+def token_stats(loss: torch.Tensor, example: torch.Tensor, n_examples: int) -> torch.Tensor:
+    """Per-example rows `[loss sum, loss tokens, 0]`."""
+    stats = torch.zeros(n_examples, 3, device=loss.device, dtype=torch.float32)
+    stats[:, 0].index_add_(0, example, loss.detach().float())
+    stats[:, 1].index_add_(0, example, torch.ones_like(loss, dtype=torch.float32))
+    return stats
+
+
+def heldout_metrics(stats, task: str) -> dict:
+    """Reduce gathered per-example rows to the run's held-out metrics."""
+    import numpy as np
+
+    stats = np.asarray(stats, dtype=np.float64).reshape(-1, 3)
+    count = float(stats[:, 1].sum())
+    loss = float(stats[:, 0].sum()) / max(count, 1.0)
+    if task == "classification":
+        return {"heldout_loss": loss, "accuracy": float(stats[:, 2].sum()) / max(count, 1.0)}
+    return {"heldout_loss": loss, "perplexity": ppl(loss), "tokens": int(count)}
+
+
+def ppl(loss: Optional[float]) -> Optional[float]:
+    if loss is None or not math.isfinite(loss):
+        return None
+    return math.exp(min(loss, 50.0))
+
+
+def from_trainer_metrics(metrics: dict, prefix: str = "eval") -> dict:
+    """`trainer.evaluate()`'s dict -> the run's `{"loss", "perplexity", "tokens"}` / `{"loss", "accuracy"}`."""
+    out = {"loss": metrics[f"{prefix}_heldout_loss"]}
+    for key in ("perplexity", "tokens", "accuracy"):
+        if f"{prefix}_{key}" in metrics:
+            out[key] = metrics[f"{prefix}_{key}"]
+    if "tokens" in out:
+        out["tokens"] = int(out["tokens"])
+    return out
+
+
+class _HeldOut:
+    """Shared by both trainers: the evaluation step, its timing and the count of training tokens."""
+
+    task = "causal-lm"
+
+    def _setup_heldout(self):
+        self.eval_seconds = 0.0
+        self._train_tokens = None
+        self.compute_metrics = lambda pred: heldout_metrics(pred.predictions, self.task)
+
+    @property
+    def train_tokens(self) -> int:
+        return int(self._train_tokens) if self._train_tokens is not None else 0
+
+    def _count_tokens(self, inputs) -> None:
+        # non-padding tokens fed to training; kept on the device (no host sync per step)
+        mask = inputs.get("attention_mask")
+        n = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+        self._train_tokens = n.detach() if self._train_tokens is None else self._train_tokens + n.detach()
+
+    def evaluate(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.eval_seconds += time.perf_counter() - t0
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            stats = self._eval_stats(model, inputs)
+        # no Trainer "eval_loss" (a mean of batch means): the metric is reduced from the per-example rows
+        return None, stats, torch.zeros(stats.size(0), device=stats.device)
+
+
+class LMTrainer(_HeldOut, SFTTrainer):
+    """SFTTrainer whose loss uses the sparse LM head (see the module docstring)."""
+
+    task = "causal-lm"
+
+    def __init__(self, *args, sparse_head: Optional[bool] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_heldout()
+        base = _base_model(self.model)
+        self.sparse_head = _accepts(base, "logits_to_keep") if sparse_head is None else sparse_head
+        # our loss is divided by the tokens of the whole accumulated batch, so the Trainer must not rescale it
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.model.training:
+            self._count_tokens(inputs)
+        loss, _, _ = lm_token_losses(model, inputs, self.sparse_head)
+        denom = num_items_in_batch if num_items_in_batch is not None else loss.numel()
+        total = loss.sum() / torch.as_tensor(denom, device=loss.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            total = total * self.accelerator.num_processes  # DDP averages the gradients across processes
+        return (total, None) if return_outputs else total
+
+    def _eval_stats(self, model, inputs):
+        return token_stats(*lm_token_losses(model, inputs, self.sparse_head))
+
+    def create_model_card(self, *args, **kwargs):
+        """No TRL model card (README.md) in the output folder: the run writes its own summary and the adapter folder
+        gets PEFT's card."""
+
+
+class ClassifierTrainer(_HeldOut, Trainer):
+    task = "classification"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_heldout()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.model.training:
+            self._count_tokens(inputs)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _eval_stats(self, model, inputs):
+        feed = {k: v for k, v in inputs.items() if k != "labels"}
+        logits = model(**feed).logits.float()
+        labels = inputs["labels"]
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        correct = (logits.argmax(-1) == labels).float()
+        return torch.stack([loss, torch.ones_like(loss), correct], dim=1)
