@@ -9,11 +9,11 @@ from .options import RunError
 
 
 def resolve_model_path(spec: Optional[str]) -> str:
-    """The folder (or hub id) to load: the converted SmolLM2 for None."""
-    if spec is None:
-        from .assets import smollm2_dir
+    """The folder (or hub id) to load: the converted SmolLM2 for None, a converted folder for a `.gguf` file."""
+    if spec is None or str(spec).lower().endswith(".gguf"):
+        from .assets import resolve_model_spec
 
-        return str(smollm2_dir())
+        return str(resolve_model_spec(spec))
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():

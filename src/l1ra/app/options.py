@@ -40,7 +40,7 @@ class TrainOptions:
     update_every: Optional[float] = field(default=None, metadata={"help": "reallocate ranks every this fraction of the steps (<1) or every this many steps (>=1) (default: 0.1)"})
     l1_start: Optional[float] = field(default=None, metadata={"help": "start the L1 penalty after this fraction of the steps (<1) or this many steps (>=1) (default: 0, from the first step)"})
     seed: int = field(default=0, metadata={"help": "seed of the adapter init, data order and a user dataset's held-out split (default: 0; GSM8K's split is fixed)"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 autocast (default: on for the shipped LLM, off otherwise)"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "mixed precision (default: on for the shipped LLM on CUDA -- bf16, else fp16 -- and on CPUs with native bf16; off otherwise)"})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "evaluate on the held-out set every N steps (default: at half time and at the end)"})
     save_steps: Optional[int] = field(default=None, metadata={"help": "write a resumable checkpoint every N steps (default: every quarter of the run)"})
     eval_fraction: float = field(default=0.1, metadata={"help": "fraction of a user dataset held out for evaluation (at most --max-eval examples)"})
@@ -60,7 +60,7 @@ class TrainOptions:
 # ------------------------------------------------------------------------------------------------------------
 # Presets
 
-# The default run (SmolLM2-135M-Instruct on GSM8K): about 10 minutes on 2 CPU cores with bf16 autocast. Per step
+# The default run (SmolLM2-135M-Instruct on GSM8K): about 10 minutes on 2 CPU cores. Per step
 # the L1 shrinks every gate by gate_lr * lambda (0.05 at peak), so a gate the loss does not hold up reaches 0 after
 # about 25 steps, while Adam (steps of up to eta_c = 0.1) keeps the useful ones. Measured with these defaults: 141 of
 # 1,680 ranks moved (from step 32 on), held-out loss 1.412 -> 1.149. With lambda 1 and eta_c 5e-2 no rank moved in a

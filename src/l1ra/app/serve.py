@@ -38,7 +38,9 @@ def base_model_path(adapter: Path, run: Optional[Path], model: Optional[str]) ->
     from .train import RUN_CONFIG
 
     if model:
-        return model
+        from .assets import resolve_model_spec
+
+        return str(resolve_model_spec(model))  # a .gguf file -> its converted folder
     if run is not None:
         cfg = json.loads((run / RUN_CONFIG).read_text())
         if cfg.get("model_path"):
