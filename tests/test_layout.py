@@ -37,3 +37,10 @@ def test_library_modules_never_import_the_application():
                 assert not (target in (".", "l1ra") and "app" in names), f"{path.name} imports l1ra.app"
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("l1ra.app") for a in node.names), f"{path.name} imports l1ra.app"
+
+
+def test_public_functions_are_not_hidden_by_submodules_of_the_same_name():
+    # `l1ra.gates` is a function; `l1ra/gates.py` is a submodule: importing the latter must not hide the former.
+    code = "import l1ra.gates, l1ra.model, l1ra; print(callable(l1ra.gates), type(l1ra.model).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "module"]
