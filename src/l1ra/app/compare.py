@@ -426,7 +426,7 @@ def run_compare(
     results["date"] = results["sittings"][-1]["date"]
     results["machine"] = results["sittings"][-1]["machine"]
     results["memory_method"] = (
-        "peak RSS (getrusage ru_maxrss) of the run's own process, read after training, before evaluation"
+        "peak RSS (VmHWM) of the run's own process, read after training, before evaluation"
         + (f"; {jobs} runs side by side, so step times share the machine" if jobs > 1 else "")
         if isolate else
         "peak RSS of the shared process (in-process mode: only grows, NOT comparable between methods)"

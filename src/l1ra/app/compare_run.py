@@ -86,7 +86,18 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far in MiB (`getrusage`: only grows, per process)."""
+    """Peak resident set size of this process's own memory so far in MiB.
+
+    Linux: `VmHWM` of /proc/self/status, the high-water mark of the address space this program runs in (a fresh one
+    after exec). Not `getrusage(...).ru_maxrss`: Linux carries it across fork and exec, so a worker started by a
+    parent holding 1 GB would report at least 1 GB whatever it does itself."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - non-Linux
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if os.uname().sysname == "Darwin" else peak / 1024
 
@@ -378,7 +389,7 @@ def run_one(spec: RunSpec, task=None) -> dict:
     """Train `spec.method` on `spec.task` for `spec.steps` optimizer steps, score it once on `spec.split` and
     measure it. Returns a JSON-able dict.
 
-    Peak memory is this process's `ru_maxrss`, read right after training (before evaluation): honest only when the
+    Peak memory is this process's own peak RSS (`peak_rss_mb`), read right after training (before evaluation): honest only when the
     process ran nothing heavier before, which is why `l1ra compare` gives every run its own process by default.
     """
     torch.set_num_threads(spec.threads)
@@ -397,6 +408,7 @@ def run_one(spec: RunSpec, task=None) -> dict:
     rss_before = rss_mb()
     losses, step_times = [], []
     load_start = os.getloadavg()[0]
+    started_at = time.time()
     t_train = time.perf_counter()
     if opt is not None:  # `base` trains nothing
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec.steps, spec.warmup_ratio))
@@ -455,6 +467,7 @@ def run_one(spec: RunSpec, task=None) -> dict:
         "torch_threads": torch.get_num_threads(),
         # 1-minute load average at the start and end of training: other jobs on the machine slow every method
         "load_average": [load_start, os.getloadavg()[0]],
+        "train_interval": [started_at, started_at + train_s],  # wall clock: shows runs that shared the machine
     }
     if spec.method in L1RA_METHODS:
         from ..model import find_l1ra_model

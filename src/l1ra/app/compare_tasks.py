@@ -355,6 +355,7 @@ def tiny_task(max_length: int = 16, eval_limit: Optional[int] = None, dev_size: 
         splits={"train": {"name": "synthetic copy examples minus dev", "size": len(train)},
                 "dev": {"name": f"synthetic copy examples carved from train (seed {DEV_SEED})", "size": len(dev)},
                 "test": {"name": "synthetic copy examples, held out", "size": len(heldout)}},
+        extra={"dev": dev},
     )
 
 
