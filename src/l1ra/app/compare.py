@@ -439,14 +439,16 @@ def run_compare(
             log(f"tuning: lr grid {plan.lr_grid} x {len(plan.methods)} methods on the dev split, seeds {plan.tune_seeds}")
             dev_runs = run_specs(plan.tuning_specs(), results, output_dir, isolate=isolate, jobs=jobs, log=log)
             best = pick_best(dev_runs)
-            results["tuning"][task] = best
+            results["tuning"].setdefault(task, {}).update(best)  # other sittings may have tuned other rows
             lr_by_method = {m: b["best_lr"] for m, b in best.items()}
             log("best dev lr: " + ", ".join(f"{m} {lr:g}" for m, lr in lr_by_method.items()))
         specs = plan.final_specs(lr_by_method)
     else:
         specs = list(specs_or_plan)
     final_runs = run_specs(specs, results, output_dir, isolate=isolate, jobs=jobs, log=log)
-    results["final"][task] = [r["spec_hash"] for r in final_runs]
+    # every sitting adds its rows (a row's latest setting wins, see `final_runs`)
+    previous = results["final"].get(task, [])
+    results["final"][task] = previous + [r["spec_hash"] for r in final_runs if r["spec_hash"] not in previous]
     trained = [s for s in specs if s.method != "base"]
     if timing_steps and trained:
         # Step time, second measurement: every method in one process, one step each in turn.
@@ -479,12 +481,22 @@ def run_compare(
     return results
 
 
+def _setting(run: dict) -> str:
+    spec = dict(run["spec"])
+    spec.pop("seed")
+    spec.pop("threads", None)
+    return json.dumps(spec, sort_keys=True)
+
+
 def final_runs(results: dict) -> list[dict]:
-    """The reported runs: those of each task's last command (`results["final"]`), else every test-split run."""
+    """The reported runs: the final runs of every sitting (`results["final"]`; for a row run in several settings,
+    only its latest setting), else every test-split run."""
     by_hash = {r.get("spec_hash"): r for r in results["runs"]}
     chosen = []
     for task, hashes in results.get("final", {}).items():
-        chosen += [by_hash[h] for h in hashes if h in by_hash]
+        runs = [by_hash[h] for h in hashes if h in by_hash]
+        latest = {r["method"]: _setting(r) for r in runs}  # later sittings come later in the list
+        chosen += [r for r in runs if _setting(r) == latest[r["method"]]]
     tasks = set(results.get("final", {}))
     chosen += [r for r in results["runs"] if r.get("split", "test") == "test" and r["task"] not in tasks]
     return chosen
