@@ -374,13 +374,19 @@ def test_l1ra_short_run_settings_apply_unless_a_flag_overrides():
 
 def test_device_choice():
     # CUDA: bf16 where the GPU has it, else fp16 (trained with a gradient scaler); CPU: bf16 autocast; MPS: fp32
-    pick = lambda req="auto", **kw: resolve_device(req, **{"cuda_available": False, "mps_available": False, **kw})  # noqa
+    pick = lambda req="auto", **kw: resolve_device(  # noqa: E731
+        req, **{"cuda_available": False, "mps_available": False, "cpu_bf16": True, **kw})
     assert pick(cuda_available=True, cuda_bf16=True) == ("cuda", torch.bfloat16)
     assert pick(cuda_available=True, cuda_bf16=False) == ("cuda", torch.float16)
     assert pick("cuda:1", cuda_available=True, cuda_bf16=True) == ("cuda:1", torch.bfloat16)
     assert pick(mps_available=True) == ("mps", None)
     assert pick() == ("cpu", torch.bfloat16)
     assert pick(low_precision=False) == ("cpu", None)
+    assert pick(cpu_bf16=False) == ("cpu", None)  # emulated bf16 is slower than fp32
+    from l1ra.app.compare_run import cpu_has_fast_bf16
+
+    assert cpu_has_fast_bf16({"avx2", "avx512_bf16"}) and cpu_has_fast_bf16({"fp", "asimd", "bf16"})
+    assert not cpu_has_fast_bf16({"avx2", "avx512f"})
     assert pick(cuda_available=True, low_precision=False) == ("cuda", None)
     with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA"):
         pick("cuda")

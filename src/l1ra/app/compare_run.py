@@ -2,8 +2,8 @@
 every method; only the adapter and its per-step hook differ. The methods (rows) are listed in `l1ra.app.compare`.
 
 Device: the model, every batch and the autocast go to the training device (`resolve_device`): CUDA with bf16 where
-the GPU supports it, else fp16 with a gradient scaler; CPU with bf16 autocast where the task asks for it (as before);
-MPS in fp32. Evaluation runs on the same device with the same autocast.
+the GPU supports it, else fp16 with a gradient scaler; CPU with bf16 autocast where the task asks for it and the CPU
+has native bf16 (fp32 otherwise); MPS in fp32. Evaluation runs on the same device with the same autocast.
 """
 
 from __future__ import annotations
@@ -27,6 +27,22 @@ from .compare import L1RA_METHODS, METHODS, TUNED_L1RA, RunSpec
 # ------------------------------------------------------------------------------------------------ device
 
 
+def cpu_has_fast_bf16(flags: Optional[set] = None) -> bool:
+    """Whether this CPU computes bf16 natively (x86 AVX512-BF16 or AMX, ARM BF16). Without it PyTorch emulates bf16
+    and autocast is slower than fp32: measured here on an AVX2-only CPU, one 8192x384 @ 384x1536 linear layer took
+    3.03 s in bf16 against 0.38 s in fp32. `flags`: the CPU's feature flags (default: read /proc/cpuinfo)."""
+    if flags is None:
+        flags = set()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith(("flags", "Features")):
+                        flags |= set(line.split(":", 1)[1].split())
+        except OSError:  # not Linux: no way to tell cheaply, stay in fp32
+            return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def resolve_device(
     requested: str = "auto",
     *,
@@ -34,10 +50,12 @@ def resolve_device(
     cuda_available: Optional[bool] = None,
     mps_available: Optional[bool] = None,
     cuda_bf16: Optional[bool] = None,
+    cpu_bf16: Optional[bool] = None,
 ) -> tuple[str, Optional[torch.dtype]]:
     """(device, autocast dtype or None) for a run. `auto`: CUDA, else MPS, else CPU. Low precision where the task
-    asks for it: CUDA bf16 if the GPU supports it, else fp16 (trained with a gradient scaler); CPU bf16; MPS none
-    (fp32). The availability flags default to what this machine has; tests pass them to check every branch."""
+    asks for it: CUDA bf16 if the GPU supports it, else fp16 (trained with a gradient scaler); CPU bf16 where the CPU
+    has native bf16 (else fp32: emulated bf16 is several times slower); MPS none (fp32). The availability flags
+    default to what this machine has; tests pass them to check every branch."""
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     if mps_available is None:
@@ -59,7 +77,9 @@ def resolve_device(
         if cuda_bf16 is None:
             cuda_bf16 = torch.cuda.is_bf16_supported()
         return device, torch.bfloat16 if cuda_bf16 else torch.float16
-    return device, torch.bfloat16
+    if cpu_bf16 is None:
+        cpu_bf16 = cpu_has_fast_bf16()
+    return device, torch.bfloat16 if cpu_bf16 else None
 
 
 def _sync(device: str) -> None:
