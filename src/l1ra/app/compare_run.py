@@ -310,7 +310,9 @@ class Precision:
         return torch.autocast(self.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
     def describe(self) -> str:
-        dtype = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32"
+        if self.amp_dtype is None:
+            return f"{self.device}, fp32"
+        dtype = str(self.amp_dtype).replace("torch.", "")
         return f"{self.device}, {dtype} autocast" + (" with loss scaling" if self.scaler else "")
 
 

@@ -60,7 +60,7 @@ SHORT_RUN_L1RA = dict(TUNED_L1RA)
 DEFAULTS = {
     "sentiment": {
         "full": TaskDefaults(steps=500, batch_size=16, lr=1e-3, seeds=5, max_length=64, eval_limit=None,
-                             dev_size=600, lr_grid=(3e-4, 1e-3, 3e-3, 1e-2)),
+                             dev_size=600, lr_grid=(1e-3, 3e-3, 1e-2)),
         "quick": TaskDefaults(steps=40, batch_size=16, lr=1e-3, seeds=1, max_length=64, eval_limit=None,
                               dev_size=600, lr_grid=(1e-3, 3e-3, 1e-2)),
     },
