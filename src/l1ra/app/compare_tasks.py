@@ -54,9 +54,8 @@ class TaskDefaults:
 
 SHORT_RUN_L1RA = dict(TUNED_L1RA)
 
-# Full runs and `--quick` smoke runs per task; quick finishes under 15 minutes on 2 shared cores. Expected full-run
-# durations with 1 thread on a shared 2-core machine: sentiment ~2.5 min per run (12 runs, ~30 min); gsm8k
-# ~6 s per step plus ~2 min of evaluation per run (12 runs, ~2.5 h): shorten with --steps / --seeds.
+# Full runs and `--quick` smoke runs per task. Measured costs and the commands of the full evidence:
+# benchmarks/compare/README.md.
 DEFAULTS = {
     "sentiment": {
         "full": TaskDefaults(steps=500, batch_size=16, lr=1e-3, seeds=5, max_length=64, eval_limit=None,
@@ -65,7 +64,9 @@ DEFAULTS = {
                               dev_size=600, lr_grid=(1e-3, 3e-3, 1e-2)),
     },
     "gsm8k": {
-        "full": TaskDefaults(steps=150, batch_size=8, lr=2e-4, seeds=3, max_length=256, eval_limit=None,
+        # batch 4 x 128 tokens: at 8 x 256 one fp32 step took 54 s and 8.6 GiB peak RSS here (12.8 s, 2.9 GiB at
+        # 4 x 128; 2 shared cores under load 6-8), too much for two runs side by side on a 23 GiB machine
+        "full": TaskDefaults(steps=150, batch_size=4, lr=2e-4, seeds=3, max_length=128, eval_limit=None,
                              dev_size=100, lr_grid=(1e-4, 2e-4, 5e-4)),
         "quick": TaskDefaults(steps=10, batch_size=4, lr=2e-4, seeds=1, max_length=128, eval_limit=32,
                               dev_size=100, lr_grid=(1e-4, 2e-4, 5e-4)),
