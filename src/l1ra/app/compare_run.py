@@ -321,8 +321,12 @@ def make_precision(spec: RunSpec, task) -> Precision:
 
 
 def train_step(pm, opt, sched, after_step, batch, step, max_grad_norm, prec: Precision) -> tuple[float, float]:
-    """One optimizer step, identical for every method: (wall seconds, loss). `batch` is on the CPU."""
+    """One optimizer step, identical for every method: (wall seconds, loss). `batch` is on the CPU. `prec` may also be
+    a bool (older callers: CPU with or without bf16 autocast)."""
     from .compare_tasks import to_device
+
+    if isinstance(prec, bool):
+        prec = Precision("cpu", torch.bfloat16 if prec else None)
 
     _sync(prec.device)
     t0 = time.perf_counter()
