@@ -1,9 +1,10 @@
 """Why AdaLoRA stays near chance in short `l1ra compare --task sentiment` runs: print its classification loss (without
 the orthogonality penalty PEFT adds to the loss) and the mean |singular value| E every 10 steps.
 
-    python benchmarks/adalora_probe.py --steps 80
+    python benchmarks/adalora_probe.py --steps 80                              # PEFT's defaults, lr 1e-3
+    python benchmarks/adalora_probe.py --steps 80 --method adalora_paper --lr 1e-2
 
-Same model, batches, lr schedule and AdaLoRA settings as `l1ra compare` (lr 1e-3, r 12 -> 8).
+Same model, batches, lr schedule and AdaLoRA settings as `l1ra compare` (r 12 -> 8; `--method` picks the row).
 """
 
 import argparse
@@ -11,7 +12,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from l1ra.app.compare_run import RunSpec, lr_lambda, wrap_model
+from l1ra.app.compare import ADALORA_SETTINGS, RunSpec
+from l1ra.app.compare_run import lr_lambda, wrap_model
 from l1ra.app.compare_tasks import build_task
 
 
@@ -19,15 +21,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--method", choices=sorted(ADALORA_SETTINGS), default="adalora")
     args = p.parse_args()
     torch.set_num_threads(1)
     task = build_task("sentiment", 64, None)
-    spec = RunSpec(task="sentiment", method="adalora", seed=0, steps=args.steps, batch_size=16, lr=args.lr,
-                   max_length=64)
+    spec = RunSpec(task="sentiment", method=args.method, seed=0, steps=args.steps, batch_size=16, lr=args.lr,
+                   max_length=64, **ADALORA_SETTINGS[args.method])
     torch.manual_seed(0)
     base = task.load_model()
     torch.manual_seed(0)
-    pm, opt, after_step = wrap_model("adalora", base, task, spec)
+    pm, opt, after_step = wrap_model(args.method, base, task, spec)
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps, spec.warmup_ratio))

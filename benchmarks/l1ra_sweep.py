@@ -1,7 +1,9 @@
 """Sweep L1RA's own hyperparameters on an `l1ra compare` task, against plain LoRA on the same batches and seeds.
 
-Each configuration is `lambda,eta_c,l1_start` (l1_start: a fraction of the steps, or a step count >= 1). Runs go one
-after another in this process (scores only; `l1ra compare` measures time and memory per process):
+Each configuration is `lambda,eta_c,l1_start` (l1_start: a fraction of the steps, or a step count >= 1). Every run is
+scored on the dev split carved from the training data (never the reported split: the setting chosen here is what
+`l1ra compare` then reports as l1ra_tuned). Runs go one after another in this process (scores only; `l1ra compare`
+measures time and memory per process):
 
     python benchmarks/l1ra_sweep.py --task sentiment --steps 200 --seeds 0,1,2 \\
         --configs 0.1,2e-2,0 0.3,0.1,0.25 --json benchmarks/results/sweep_sentiment.json
@@ -16,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from l1ra.app.compare import make_specs, add_arguments
+import dataclasses
+
+from l1ra.app.compare import add_arguments, make_plan
 from l1ra.app.compare_run import run_one
 from l1ra.app.compare_tasks import build_task
 
@@ -33,18 +37,21 @@ def main(argv=None) -> int:
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA baseline")
     p.add_argument("--json", type=Path, default=None, help="write every run here (rewritten after each run)")
     args = p.parse_args(argv)
-    args.methods = ["lora", "l1ra"]
-    base_specs = [s for s in make_specs(args) if s.method == "l1ra"]
-    lora_specs = [] if args.no_lora else [s for s in make_specs(args) if s.method == "lora"]
+    args.methods = ["lora", "l1ra_tuned"]
+    specs = [dataclasses.replace(s, split="dev") for s in make_plan(args).final_specs({})]
+    if specs[0].dev_size <= 0:
+        p.error("--dev-size must be > 0: the sweep scores on the dev split")
+    base_specs = [s for s in specs if s.method == "l1ra_tuned"]
+    lora_specs = [] if args.no_lora else [s for s in specs if s.method == "lora"]
     first = (lora_specs or base_specs)[0]
-    task = build_task(first.task, first.max_length, first.eval_limit)
+    task = build_task(first.task, first.max_length, first.eval_limit, first.dev_size)
     runs = []
 
     def record(spec, label):
         t0 = time.time()
         r = run_one(spec, task)
         l1 = r.get("l1ra", {})
-        runs.append({"config": label, "seed": spec.seed, "score": r["score"], "ranks_moved": l1.get("ranks_added", 0),
+        runs.append({"config": label, "seed": spec.seed, "split": r["split"], "score": r["score"], "ranks_moved": l1.get("ranks_added", 0),
                      "ranks_pruned": l1.get("ranks_pruned", 0), "wall_s": time.time() - t0})
         print(f"{label:>22} seed {spec.seed}: {task.score_name} {r['score']:.4f}, "
               f"ranks moved {runs[-1]['ranks_moved']}, pruned {runs[-1]['ranks_pruned']} "
@@ -63,7 +70,7 @@ def main(argv=None) -> int:
             for k, v in cfg.items():
                 setattr(spec, k, v)
             record(spec, label)
-    print("\nconfig: mean score (std) over seeds, mean ranks moved")
+    print(f"\nconfig: mean {task.score_name} on the dev split (std) over seeds, mean ranks moved")
     for label in dict.fromkeys(r["config"] for r in runs):
         scores = [r["score"] for r in runs if r["config"] == label]
         moved = [r["ranks_moved"] for r in runs if r["config"] == label]

@@ -9,50 +9,169 @@ import pytest
 import torch
 
 from l1ra.app import compare
-from l1ra.app.compare_run import RunSpec, lr_lambda, run_one, wrap_model
+from l1ra.app.compare import ADALORA_SETTINGS, RunSpec
+from l1ra.app.compare_run import lr_lambda, resolve_device, run_one, wrap_model
 from l1ra.history import mean_rank_by_type as by_module_type, module_type
-from l1ra.app.compare_tasks import build_task
+from l1ra.app.compare_tasks import build_task, carve_dev
 
 STEPS = 10
+TRAINED = ("lora", "adalora", "adalora_paper", "l1ra", "l1ra_tuned", "l1ra_nol1", "l1ra_prune", "l1ra_params", "dora")
 
 
 def spec(method, seed=0, **kw):
-    base = dict(task=kw.pop("task", "tiny"), method=method, seed=seed, steps=STEPS, batch_size=4, lr=5e-3, max_length=16, rank=4)
+    base = dict(task=kw.pop("task", "tiny"), method=method, seed=seed, steps=STEPS, batch_size=4, lr=5e-3, max_length=16,
+                rank=4, dev_size=16)
+    base.update(ADALORA_SETTINGS.get(method, {}))
+    if method == "l1ra_prune":
+        base["reassign"] = False
+    if method == "l1ra_params":
+        base["budget_unit"] = "params"
     base.update(kw)
     return RunSpec(**base)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_task("tiny", 16, None)
+    return build_task("tiny", 16, None, 16)
 
 
 @pytest.fixture(scope="module")
 def runs(tiny):
-    # l1ra with a strong L1 so that ranks actually move within 10 steps
+    # L1RA with a strong L1 so that ranks actually move within 10 steps
     strong = dict(l1ra_lambda=10.0, eta_c=0.05, update_every=3)
     return {
         "lora": run_one(spec("lora"), tiny),
-        "adalora": run_one(spec("adalora"), tiny),
+        "adalora": run_one(spec("adalora_paper", adalora_delta_t=1), tiny),
         "l1ra": run_one(spec("l1ra", **strong), tiny),
         "l1ra_prune": run_one(spec("l1ra_prune", **strong), tiny),
+        "l1ra_params": run_one(spec("l1ra_params", **strong), tiny),
         "dora": run_one(spec("dora"), tiny),
     }
 
 
+def parser():
+    p = argparse.ArgumentParser()
+    compare.add_arguments(p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """The whole pipeline on the tiny task: an lr grid on the dev split for every row, then each row at its best lr
+    on the test split."""
+    out = tmp_path_factory.mktemp("tuned")
+    args = parser().parse_args(["--task", "tiny", "--tune", "--seeds", "1", "--in-process"])
+    plan = compare.make_plan(args)
+    results = compare.run_compare(plan, out, isolate=False, log=lambda m: None)
+    return plan, results, out
+
+
+def test_every_method_beats_the_untrained_model(tuned):
+    """Each row, at its best dev lr, recovers at least half of LoRA's gain over the untrained model on the test split
+    (AdaLoRA at a shared small lr did not: see the next test)."""
+    _, results, _ = tuned
+    score = {r["method"]: r["score"] for r in compare.final_runs(results)}
+    gain = score["base"] - score["lora"]
+    assert gain > 0.5  # loss: the task is learnable
+    for method in TRAINED[:-1]:
+        assert score[method] < score["base"] - 0.5 * gain, (method, score[method], score["base"])
+
+
+def test_adalora_at_lora_s_small_lr_stays_near_the_untrained_model(tiny):
+    # What the comparison used to do (one lr for all): AdaLoRA's E starts at 0 and A, B ~ N(0, 0.02), so at a small
+    # lr its update barely grows. The check above fails for it; tuning gives it a larger lr.
+    base = run_one(spec("base", steps=30), tiny)["score"]
+    lora = run_one(spec("lora", steps=30), tiny)["score"]
+    ada = run_one(spec("adalora", steps=30), tiny)["score"]
+    assert base - ada < 0.25 * (base - lora)
+
+
+def test_tuning_uses_the_dev_split_and_each_method_gets_its_best_lr(tuned):
+    plan, results, _ = tuned
+    best = results["tuning"]["tiny"]
+    assert set(best) == set(plan.methods) - {"base"}
+    dev = [r for r in results["runs"] if r["split"] == "dev"]
+    assert len(dev) == len(best) * len(plan.lr_grid) and len(plan.lr_grid) >= 3
+    for method, t in best.items():
+        scores = {float(k): v for k, v in t["grid"].items()}
+        assert t["best_lr"] == min(scores, key=scores.get)  # loss: lower is better
+        (final,) = [r for r in compare.final_runs(results) if r["method"] == method]
+        assert final["split"] == "test" and final["spec"]["lr"] == t["best_lr"]
+    assert results["summary"]["tiny"]["splits"] == {
+        "train": {"name": "synthetic copy examples minus dev", "size": 48},
+        "dev": {"name": "synthetic copy examples carved from train (seed 20260)", "size": 16},
+        "test": {"name": "synthetic copy examples, held out", "size": 16},
+    }
+    md = (tuned[2] / "results.md").read_text()
+    assert "Tuning on the dev split" in md and "**" in md and "best dev-split lr" in md
+
+
+def test_dev_split_is_seeded_and_never_trained_on(tiny):
+    rows = [{"i": i} for i in range(50)]
+    train, dev = carve_dev(rows, 10)
+    assert carve_dev(rows, 10) == (train, dev) and len(dev) == 10 and len(train) == 40
+    assert {r["i"] for r in train}.isdisjoint(r["i"] for r in dev)
+    with pytest.raises(ValueError, match="--dev-size"):
+        carve_dev(rows, 50)
+    # the tiny task's dev examples never appear in a training batch
+    dev_ids = {tuple(e["input_ids"]) for e in tiny.extra["dev"]}
+    seen = {tuple(row.tolist()) for b in tiny.train_batches(0, 40, 4) for row in b["input_ids"]}
+    assert len(dev_ids) == 16 and seen.isdisjoint(dev_ids)
+    assert len(seen) == 48  # 40 batches of 4 cover every training example, and only those
+
+
+def test_rows_are_the_settings_they_claim():
+    plan = compare.make_plan(parser().parse_args(["--task", "tiny", "--quick", "--dora"]))
+    specs = {s.method: s for s in plan.final_specs({})}
+    assert list(specs) == ["base", "lora", "adalora", "adalora_paper", "l1ra", "l1ra_tuned", "l1ra_nol1",
+                           "l1ra_prune", "l1ra_params", "dora"]
+    lib = specs["l1ra"]
+    assert (lib.l1ra_lambda, lib.eta_c, lib.l1_start, lib.reassign, lib.budget_unit) == (None, None, None, True, "rank")
+    tuned = specs["l1ra_tuned"]
+    assert (tuned.l1ra_lambda, tuned.eta_c, tuned.l1_start) == (0.2, 0.1, 0.25)
+    assert specs["l1ra_nol1"].l1ra_lambda == 0.0 and specs["l1ra_nol1"].eta_c == 0.1
+    assert specs["l1ra_prune"].reassign is False and specs["l1ra_params"].budget_unit == "params"
+    assert (specs["adalora"].adalora_orth_reg_weight, specs["adalora"].adalora_delta_t) == (0.5, 1)
+    assert (specs["adalora_paper"].adalora_orth_reg_weight, specs["adalora_paper"].adalora_delta_t) == (0.1, 10)
+    assert specs["base"].lr == 0.0
+    with pytest.raises(ValueError, match="head_only"):
+        compare.make_plan(parser().parse_args(["--task", "tiny", "--methods", "lora,head_only"]))
+
+
+def test_head_only_trains_the_classification_head_alone():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from l1ra.app.compare_tasks import Task
+
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=32, num_labels=2)
+    task = Task(name="bert", score_name="acc", higher_is_better=True, task_type="SEQ_CLS",
+                target_modules=["query"], load_model=lambda: BertForSequenceClassification(cfg),
+                train_batches=None, evaluate=None, head_modules=("classifier",))
+    pm, opt, _ = wrap_model("head_only", task.load_model(), task, spec("head_only"))
+    trained = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trained == {"classifier.weight", "classifier.bias"}
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 32 * 2 + 2
+
+
 def test_every_method_trains_and_reports_every_figure(runs):
     for method, r in runs.items():
-        assert r["method"] == method and r["score_name"] == "loss" and not r["higher_is_better"]
+        assert r["score_name"] == "loss" and not r["higher_is_better"] and r["split"] == "test"
         assert len(r["step_times_s"]) == STEPS and len(r["train_losses"]) == STEPS
-        assert all(torch.isfinite(torch.tensor(r["train_losses"])))
-        for key in ("score", "step_time_median_s", "peak_rss_mb", "train_wall_s", "trainable_params_end"):
-            assert r[key] > 0, (method, key)
+        # the figures are consistent with each other, not merely positive
+        assert min(r["step_times_s"]) <= r["step_time_median_s"] <= max(r["step_times_s"])
+        assert r["train_wall_s"] >= 0.99 * sum(r["step_times_s"])
+        assert r["trainable_params_end"] >= r["effective_params_end"] >= r["lora_params_end"]
         assert r["metrics"]["perplexity"] == pytest.approx(torch.tensor(r["score"]).exp().item(), rel=1e-6)
         assert set(r["rank_by_type"]) == {
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
         }
         json.dumps(r)  # results.json must hold it
+    # training lowers the training loss (a frozen or broken run would not)
+    for method in ("lora", "dora"):
+        losses = runs[method]["train_losses"]
+        assert sum(losses[-3:]) / 3 < losses[0] - 0.1, (method, losses)
 
 
 def test_same_rank_budget_for_every_method(runs):
@@ -66,13 +185,17 @@ def test_same_rank_budget_for_every_method(runs):
     assert runs["adalora"]["total_rank_effective"] == budget
     assert runs["adalora"]["effective_params_end"] < runs["adalora"]["trainable_params_end"]
     assert runs["adalora"]["adalora"] == {"init_r": 6, "target_r": 4, "tinit": 1, "tfinal": 2, "deltaT": 1,
-                                          "total_step": STEPS}
+                                          "total_step": STEPS, "orth_reg_weight": 0.1}
     # L1RA keeps the budget while moving rank; prune-only never adds
     assert sum(runs["l1ra"]["ranks_allocated"].values()) == budget
     assert runs["l1ra"]["l1ra"]["reallocations"] >= 2
     assert runs["l1ra"]["l1ra"]["ranks_added"] == runs["l1ra"]["l1ra"]["ranks_pruned"]
     assert runs["l1ra_prune"]["l1ra"]["ranks_added"] == 0
     assert runs["l1ra_prune"]["total_rank_effective"] <= budget
+    # a parameter budget: never more LoRA parameters than LoRA's
+    assert runs["l1ra_params"]["l1ra"]["budget"] == runs["lora"]["lora_params_end"]
+    assert runs["l1ra_params"]["lora_params_end"] <= runs["lora"]["lora_params_end"]
+    assert runs["l1ra_params"]["l1ra"]["ranks_pruned"] > 0
 
 
 def test_l1ra_moves_rank_with_a_strong_penalty(runs):
@@ -92,8 +215,10 @@ def test_runs_are_reproducible_and_lora_l1ra_start_from_the_same_adapter(tiny):
     assert models["lora"].keys() == models["l1ra"].keys()
     for name, value in models["lora"].items():
         assert torch.equal(value, models["l1ra"][name]), name
-    # the first batches are the same for a seed, whatever the method
-    assert torch.equal(tiny.train_batches(3, 2, 4)[1]["input_ids"], tiny.train_batches(3, 2, 4)[1]["input_ids"])
+    # every method of a seed trains on the same batches in the same order; another seed on another order
+    l1 = run_one(spec("l1ra", steps=3), tiny)
+    other = run_one(spec("lora", seed=1, steps=3), tiny)
+    assert a["data_order"] == l1["data_order"] != other["data_order"]
 
 
 def test_optimizer_groups_match_between_methods(tiny):
@@ -143,22 +268,42 @@ def test_argument_parsing_errors_name_the_flag():
 
 def test_summary_markdown_and_figure(runs, tmp_path):
     fake = []
-    for seed in (0, 1):
-        for r in runs.values():
-            fake.append(dict(r, seed=seed))
+    for seed in (0, 1, 2):
+        for method, r in runs.items():
+            fake.append(dict(r, method=method.replace("l1ra", "l1ra_tuned", 1) if method == "l1ra" else method,
+                             seed=seed, score=r["score"] + 0.01 * seed * (method == "l1ra")))
     summary = compare.summarize(fake)["tiny"]
     assert summary["methods"]["lora"]["step_ratio"] == (1.0, 0.0)
     assert summary["methods"]["lora"]["mem_ratio"] == (1.0, 0.0)
-    assert summary["methods"]["l1ra"]["n_seeds"] == 2
-    assert set(summary["targets"]) == {"score_ge_lora", "score_ge_adalora", "step_ratio_le_1.03",
-                                       "step_time_below_adalora", "mem_ratio_le_1.02"}
+    tuned = summary["methods"]["l1ra_tuned"]
+    assert tuned["n_seeds"] == 3 and tuned["vs_lora"]["seeds"] == [0, 1, 2]
+    base = runs["l1ra"]["score"] - runs["lora"]["score"]  # loss: positive difference = lower than LoRA
+    assert tuned["vs_lora"]["differences"] == pytest.approx([-base, -base - 0.01, -base - 0.02])
+    assert set(summary["targets"]) == {"l1ra_tuned_ci_low_above_floor", "l1ra_tuned_ci_low_above_0",
+                                       "l1ra_tuned_step_ratio_le_1.03", "l1ra_params_params_le_lora"}
+    assert summary["targets"]["l1ra_params_params_le_lora"] is True
     results = {"command": "l1ra compare --task tiny", "date": "2025-01-01T00:00:00", "runs": fake, "failures": [],
                "machine": compare.machine_info(2), "memory_method": "test", "summary": {"tiny": summary}}
     md = compare.render_markdown(results)
-    assert "| LoRA |" in md and "| AdaLoRA |" in md and "| L1RA prune-only |" in md and "Targets" in md
-    assert "L1RA: lambda 10, eta_c 0.05, L1 from step 1, reallocation every 3 steps." in md
+    assert "| LoRA |" in md and "| AdaLoRA (PEFT defaults) |" in md and "| L1RA prune-only |" in md
+    assert "Targets" in md and "95% CI" in md
+    assert "L1RA tuned: lambda 10, eta_c 0.05, L1 from step 1, reallocation every 3 steps." in md
     compare.plot_task(results, "tiny", tmp_path / "tiny.png")
     assert (tmp_path / "tiny.png").stat().st_size > 1000
+
+
+def test_paired_differences_and_their_t_interval():
+    mean, low, high = compare.t_interval([1.0, 2.0, 3.0])
+    half = 4.303 * 1.0 / 3 ** 0.5
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert compare.t_interval([1.0])[1] != compare.t_interval([1.0])[1]  # nan: no interval from one seed
+    acc = lambda seed, score: {"seed": seed, "score": score, "higher_is_better": True, "score_name": "accuracy"}  # noqa
+    lora = {0: acc(0, 0.80), 1: acc(1, 0.82), 2: acc(2, 0.81)}
+    vs = compare.paired_vs_lora([acc(0, 0.81), acc(1, 0.84), acc(2, 0.81), acc(7, 0.99)], lora)
+    assert vs["seeds"] == [0, 1, 2] and vs["differences"] == pytest.approx([1.0, 2.0, 0.0])  # points, seed 7 unpaired
+    loss = lambda seed, score: {"seed": seed, "score": score, "higher_is_better": False, "score_name": "loss"}  # noqa
+    vs = compare.paired_vs_lora([loss(0, 1.0), loss(1, 1.2)], {0: loss(0, 1.1), 1: loss(1, 1.1)})
+    assert vs["differences"] == pytest.approx([0.1, -0.1])  # lower loss than LoRA is positive
 
 
 def test_cli_end_to_end_in_process(tmp_path):
@@ -166,43 +311,106 @@ def test_cli_end_to_end_in_process(tmp_path):
 
     out = tmp_path / "cmp"
     code = cli.main(["compare", "--task", "tiny", "--in-process", "--steps", "4", "--seeds", "2",
-                     "--methods", "lora,l1ra", "--output-dir", str(out)])
+                     "--methods", "lora,l1ra_tuned", "--output-dir", str(out), "--timing-steps", "0"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert [(r["seed"], r["method"]) for r in results["runs"]] == [(0, "lora"), (0, "l1ra"), (1, "l1ra"), (1, "lora")]
+    assert [(r["seed"], r["method"]) for r in results["runs"]] == [
+        (0, "lora"), (0, "l1ra_tuned"), (1, "l1ra_tuned"), (1, "lora")]
     assert "l1ra compare" in (out / "results.md").read_text()
     assert (out / "tiny.png").exists()
+    # a second sitting with the same specs runs nothing; one more seed runs only the new seed's runs
+    assert cli.main(["compare", "--task", "tiny", "--in-process", "--steps", "4", "--seeds", "0,1,2",
+                     "--methods", "lora,l1ra_tuned", "--output-dir", str(out), "--timing-steps", "0"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["seed"], r["method"]) for r in results["runs"][4:]] == [(2, "lora"), (2, "l1ra_tuned")]
+    assert len(results["sittings"]) == 2 and len(results["summary"]["tiny"]["methods"]["lora"]["seeds"]) == 3
 
 
 def test_isolated_run_in_its_own_process(tmp_path):
+    # the parent holds ~400 MiB that an isolated run must not count as its own peak
+    ballast = torch.ones(100 * 2**20)  # 400 MiB, touched
+    from l1ra.app.compare_run import rss_mb
+
+    parent = rss_mb()
     result = compare.run_isolated(spec("l1ra", steps=3), tmp_path / "run.log")
-    assert result["method"] == "l1ra" and result["peak_rss_mb"] > result["rss_before_train_mb"] * 0.5
+    assert result["method"] == "l1ra" and result["peak_rss_mb"] < parent - 300
+    del ballast
     with pytest.raises(RuntimeError, match="failed"):
         compare.run_isolated(spec("l1ra", steps=3, rank=0), tmp_path / "bad.log")
 
 
+def test_two_jobs_run_side_by_side(tmp_path):
+    specs = [spec("lora", steps=40), spec("l1ra", steps=40)]
+    results = compare.run_compare(specs, tmp_path, isolate=True, jobs=2, log=lambda m: None)
+    (a0, a1), (b0, b1) = (r["train_interval"] for r in results["runs"])
+    assert a0 < b1 and b0 < a1, "the two runs' training overlapped in time"
+    assert results["sittings"][-1]["jobs"] == 2
+
+
 def test_make_specs_rejects_a_run_without_lora():
-    p = argparse.ArgumentParser()
-    compare.add_arguments(p)
+    p = parser()
     args = p.parse_args(["--task", "tiny", "--methods", "l1ra,adalora"])
     with pytest.raises(ValueError, match="--methods must include lora"):
         compare.make_specs(args)
+    with pytest.raises(ValueError, match="--jobs"):
+        compare.make_plan(p.parse_args(["--task", "tiny", "--jobs", "2", "--in-process"]))
     args = p.parse_args(["--task", "tiny", "--quick", "--dora"])
     specs = compare.make_specs(args)
-    assert {s.method for s in specs} == {"lora", "adalora", "l1ra", "l1ra_prune", "dora"}
+    assert {s.method for s in specs} == set(compare.DEFAULT_METHODS) - {"head_only"} | {"dora"}
     assert {s.seed for s in specs} == {0}
 
 
 def test_l1ra_short_run_settings_apply_unless_a_flag_overrides():
     from l1ra.app.compare_tasks import SHORT_RUN_L1RA
 
-    p = argparse.ArgumentParser()
-    compare.add_arguments(p)
-    (spec_default,) = [s for s in compare.make_specs(p.parse_args(["--task", "tiny", "--quick"])) if s.method == "l1ra"]
+    p = parser()
+    (spec_default,) = [s for s in compare.make_specs(p.parse_args(["--task", "tiny", "--quick"]))
+                       if s.method == "l1ra_tuned"]
     assert {k: getattr(spec_default, k) for k in SHORT_RUN_L1RA} == SHORT_RUN_L1RA
     args = p.parse_args(["--task", "tiny", "--quick", "--l1ra-lambda", "0.1", "--eta-c", "0.02", "--l1-start", "0"])
-    (paper,) = [s for s in compare.make_specs(args) if s.method == "l1ra"]
+    (paper,) = [s for s in compare.make_specs(args) if s.method == "l1ra_tuned"]
     assert (paper.l1ra_lambda, paper.eta_c, paper.l1_start) == (0.1, 0.02, 0.0)
+
+
+def test_device_choice():
+    # CUDA: bf16 where the GPU has it, else fp16 (trained with a gradient scaler); CPU: bf16 autocast; MPS: fp32
+    pick = lambda req="auto", **kw: resolve_device(  # noqa: E731
+        req, **{"cuda_available": False, "mps_available": False, "cpu_bf16": True, **kw})
+    assert pick(cuda_available=True, cuda_bf16=True) == ("cuda", torch.bfloat16)
+    assert pick(cuda_available=True, cuda_bf16=False) == ("cuda", torch.float16)
+    assert pick("cuda:1", cuda_available=True, cuda_bf16=True) == ("cuda:1", torch.bfloat16)
+    assert pick(mps_available=True) == ("mps", None)
+    assert pick() == ("cpu", torch.bfloat16)
+    assert pick(low_precision=False) == ("cpu", None)
+    assert pick(cpu_bf16=False) == ("cpu", None)  # emulated bf16 is slower than fp32
+    from l1ra.app.compare_run import cpu_has_fast_bf16
+
+    assert cpu_has_fast_bf16({"avx2", "avx512_bf16"}) and cpu_has_fast_bf16({"fp", "asimd", "bf16"})
+    assert not cpu_has_fast_bf16({"avx2", "avx512f"})
+    assert pick(cuda_available=True, low_precision=False) == ("cuda", None)
+    with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA"):
+        pick("cuda")
+    with pytest.raises(ValueError, match="--device 'tpu'"):
+        pick("tpu")
+    from l1ra.app.compare_run import Precision
+
+    assert Precision("cpu", torch.bfloat16).scaler is None
+    assert Precision("cuda", torch.float16).scaler is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_run_trains_and_scores_on_the_gpu(tiny):
+    r = run_one(spec("l1ra", steps=4, device="cuda"), tiny)
+    assert r["device"].startswith("cuda") and r["peak_device_mb"] > 0
+    assert r["score"] == pytest.approx(run_one(spec("l1ra", steps=4, device="cpu"), tiny)["score"], abs=0.05)
+
+
+def test_compare_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, l1ra.app.compare; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_first_step_is_identical_for_lora_and_l1ra_even_with_a_fresh_head():
@@ -224,7 +432,7 @@ def test_first_step_is_identical_for_lora_and_l1ra_even_with_a_fresh_head():
         name="tiny-bert", score_name="acc", higher_is_better=True, task_type="SEQ_CLS",
         target_modules=["query", "key", "value", "dense"], load_model=lambda: BertForSequenceClassification(cfg),
         train_batches=lambda seed, steps, bs: _shuffled_batches(rows, seed, steps, bs, collate),
-        evaluate=lambda model: {"acc": 0.5},
+        evaluate=lambda model, *a: {"acc": 0.5},
     )
     torch.manual_seed(123)  # the global RNG state differs between calls: run_one must not depend on it
     a = run_one(spec("lora", steps=2), task)
@@ -240,7 +448,7 @@ def test_from_results_rerenders_an_interrupted_comparison(runs, tmp_path):
     src.write_text(json.dumps(partial))
     assert compare.main(["--task", "tiny", "--from-results", str(src), "--output-dir", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| L1RA |" in md and "| AdaLoRA |" not in md
+    assert "| L1RA (library defaults) |" in md and "| AdaLoRA" not in md
 
 
 def test_interleaved_step_timing_feeds_the_ratio_column(tmp_path):

@@ -46,33 +46,48 @@ def plan_reallocation(
     max_rank: Optional[int] = None,
     reassign: bool = True,
     exclude_pruned: bool = True,
+    costs: Optional[Sequence[int]] = None,
+    budget: Optional[int] = None,
 ) -> list[AdapterPlan]:
-    """Prune weak ranks and hand the freed ones out so that the total rank stays the same.
+    """Prune weak ranks and hand the freed budget out again.
 
     Receivers are sorted by their smallest surviving gate, largest first (an adapter whose weakest rank is still
-    strong wants more rank), and served one rank at a time, round-robin. Adapters pruned in this round are skipped
-    when `exclude_pruned`, unless no other adapter can take a rank, so the budget is always kept.
+    strong wants more rank), and served one rank at a time, round-robin; a receiver that cannot afford one more rank
+    from what is left is skipped. Adapters pruned in this round are skipped when `exclude_pruned`, unless no other
+    adapter can take a rank.
+
+    `costs[i]`: what one rank of adapter i costs (default 1 each: the budget counts ranks; `in + out` counts LoRA
+    parameters). `budget`: the total to spend (default: what the gates cost now, `sum(costs[i] * len(gates[i]))`).
+    Afterwards `sum(costs[i] * plan.rank) <= budget`, and what is left is smaller than one rank of any adapter still
+    under `max_rank` (with unit costs nothing is left: the rank total stays exactly at the budget).
     """
+    costs = [1] * len(gates) if costs is None else [int(c) for c in costs]
+    if len(costs) != len(gates) or any(c < 1 for c in costs):
+        raise ValueError(f"costs must give one positive integer per adapter ({len(gates)}), got {costs}")
     keeps = [prune_mask(g, prune_threshold, min_rank) for g in gates]
     kept = [int(k.sum()) for k in keeps]
-    freed = sum(g.numel() for g in gates) - sum(kept)
+    if budget is None:
+        budget = sum(c * g.numel() for c, g in zip(costs, gates))
+    left = budget - sum(c * k for c, k in zip(costs, kept))
     n_new = [0] * len(gates)
-    if reassign and freed > 0:
+    if reassign and left > 0:
         min_gate = [float(g.detach().float().clamp(0, 1)[k].min()) for g, k in zip(gates, keeps)]
         order = sorted(range(len(gates)), key=lambda i: -min_gate[i])  # sorted() is stable: ties by index
         pruned = {i for i in range(len(gates)) if kept[i] < gates[i].numel()}
         tiers = [[i for i in order if i not in pruned], order] if exclude_pruned else [order]
         cap = max_rank if max_rank is not None else float("inf")
         for tier in tiers:
-            while freed > 0:
-                takers = [i for i in tier if kept[i] + n_new[i] < cap]
-                if not takers:
+            while True:
+                served = False
+                for i in tier:  # one round: each receiver that has room and can afford a rank takes one
+                    if kept[i] + n_new[i] < cap and costs[i] <= left:
+                        n_new[i] += 1
+                        left -= costs[i]
+                        served = True
+                if not served:
                     break
-                for i in takers[:freed]:
-                    n_new[i] += 1
-                freed -= min(freed, len(takers))
-        if freed > 0:
-            raise ValueError(f"max_rank={max_rank} leaves no room for {freed} freed ranks; raise max_rank.")
+        if left >= min(costs) and all(kept[i] + n_new[i] >= cap for i in range(len(gates))):
+            raise ValueError(f"max_rank={max_rank} leaves no room for the freed budget ({left}); raise max_rank.")
     return [
         AdapterPlan(keep=tuple(k.nonzero().flatten().tolist()), n_new=n) for k, n in zip(keeps, n_new)
     ]

@@ -23,6 +23,7 @@ L1RA_FIELDS = (
     "exclude_pruned",
     "seed",
     "total_steps",
+    "budget_unit",
 )
 
 
@@ -87,6 +88,15 @@ class L1RAConfig(LoraConfig):
         },
     )
 
+    budget_unit: str = field(
+        default="rank",
+        metadata={
+            "help": "What the fixed budget counts: 'rank' (the paper's: the sum of all adapters' ranks) or 'params' "
+            "(the adapters' LoRA parameter count at the start; a rank in a module costs in_features + out_features, "
+            "so rank moving into wide layers cannot grow the adapter)."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._validate_l1ra()
@@ -146,6 +156,8 @@ class L1RAConfig(LoraConfig):
             fail("seed", self.seed, "use an integer.")
         if self.total_steps is not None and (not is_int(self.total_steps) or self.total_steps < 1):
             fail("total_steps", self.total_steps, "use None or an integer >= 1.")
+        if self.budget_unit not in ("rank", "params"):
+            fail("budget_unit", self.budget_unit, "use 'rank' (the paper's budget) or 'params' (LoRA parameters).")
         if self.use_dora:
             fail("use_dora", self.use_dora, "L1RA gates LoRA's rank; DoRA's magnitude term is not gated. Set use_dora=False.")
         if getattr(self, "target_parameters", None):

@@ -28,7 +28,7 @@ class L1RAState:
 
     config: L1RAConfig
     adapter: str
-    budget: int
+    budget: int  # in the config's budget_unit: ranks, or LoRA parameters (see rank_costs)
     step: int = 0  # optimizer steps seen by after_optimizer_step
     reallocations: int = 0
     history: RankHistory = field(default_factory=RankHistory)
@@ -125,13 +125,22 @@ def get_l1ra_model(
         attach_gate(layer, adapter_name)
     peft_model.__class__ = _l1ra_class(type(peft_model))
     ranks = {n: m.r[adapter_name] for n, m in layers}
+    costs = rank_costs(layers, adapter_name, config.budget_unit)
     peft_model.l1ra_state = L1RAState(
-        config=config, adapter=adapter_name, budget=sum(ranks.values()), layers=layers
+        config=config, adapter=adapter_name, budget=sum(c * r for c, r in zip(costs, ranks.values())), layers=layers
     )
     peft_model.l1ra_state.history.record(ReallocationEvent(step=0, ranks=ranks))
     sync_lora_config(peft_model)
     distributed.watch(peft_model)  # finds a DDP wrapper that runs the model, to rebuild it after reallocations
     return peft_model
+
+
+def rank_costs(layers, adapter: str, unit: str) -> list[int]:
+    """What one rank of each adapter costs in the budget's unit: 1 ('rank'), or in_features + out_features
+    ('params': one row of A and one column of B)."""
+    if unit == "rank":
+        return [1] * len(layers)
+    return [layer.lora_A[adapter].in_features + layer.lora_B[adapter].out_features for _, layer in layers]
 
 
 def find_l1ra_model(model: nn.Module) -> PeftModel:
@@ -331,6 +340,9 @@ def reallocate(model: nn.Module, optimizer=None) -> ReallocationEvent:
         max_rank=cfg.max_rank,
         reassign=cfg.reassign,
         exclude_pruned=cfg.exclude_pruned,
+        # a parameter budget carries what a round could not spend over to the next round
+        **(dict(costs=rank_costs(st.layers, st.adapter, "params"), budget=st.budget)
+           if getattr(cfg, "budget_unit", "rank") == "params" else {}),
     )
     generator = _generator(cfg.seed, st.reallocations)
     changes, pruned, added = [], {}, {}

