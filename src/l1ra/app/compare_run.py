@@ -21,7 +21,7 @@ from torch import nn
 
 from ..atomic import atomic_write_json
 from ..history import mean_rank_by_type
-from .compare import L1RA_METHODS, METHODS, TUNED_L1RA, RunSpec
+from .compare import L1RA_METHODS, METHODS, RunSpec
 
 
 # ------------------------------------------------------------------------------------------------ device
