@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -15,31 +13,13 @@ from peft.tuners.lora import LoraLayer
 
 from . import distributed
 from .allocator import is_reallocation_step, plan_reallocation
+from .checkpoint import load_into, read_config, save_l1ra
 from .config import L1RAConfig
 from .gates import attach_gate, shrink_gates_
 from .history import RankHistory, ReallocationEvent
-from .optim import group_lr_of, param_groups, remap_optimizer
+from .optim import group_lr_of, param_groups, remap_optimizer, unwrap_optimizer
 from .resize import new_lora_A_rows, resize_adapter
-
-
-@dataclass
-class L1RAState:
-    """Everything L1RA keeps beside PEFT's LoRA weights (saved in `l1ra_state.json` for resuming)."""
-
-    config: L1RAConfig
-    adapter: str
-    budget: int
-    step: int = 0  # optimizer steps seen by after_optimizer_step
-    reallocations: int = 0
-    history: RankHistory = field(default_factory=RankHistory)
-    layers: list[tuple[str, LoraLayer]] = field(default_factory=list, repr=False)  # (module name, LoraLayer) of every gated adapter
-    # Parameters replaced when a checkpoint was loaded (old -> new), for an optimizer built before the load.
-    replaced: dict = field(default_factory=dict, repr=False)
-    setup_checked: bool = field(default=False, repr=False)
-
-    @property
-    def total_steps(self) -> Optional[int]:
-        return self.config.total_steps
+from .state import L1RAState, sync_lora_config  # noqa: F401  (sync_lora_config: re-exported for callers of l1ra.model)
 
 
 class L1RAModelMixin:
@@ -49,13 +29,9 @@ class L1RAModelMixin:
     l1ra_state: L1RAState
 
     def save_pretrained(self, save_directory, **kwargs):
-        from .checkpoint import save_l1ra
-
         save_l1ra(self, save_directory, super_save=super().save_pretrained, **kwargs)
 
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
-        from .checkpoint import load_into
-
         if adapter_name == self.l1ra_state.adapter:
             return load_into(self, model_id)
         return super().load_adapter(model_id, adapter_name, *args, **kwargs)
@@ -151,14 +127,12 @@ def find_l1ra_model(model: nn.Module) -> PeftModel:
 
 def gates(model: nn.Module) -> dict[str, nn.Parameter]:
     """`{module_name: gate}`: the live gate parameters, in module order."""
-    st = find_l1ra_model(model).l1ra_state
-    return {name: layer.l1ra_gate[st.adapter] for name, layer in st.layers}
+    return find_l1ra_model(model).l1ra_state.gates()
 
 
 def rank_pattern(model: nn.Module) -> dict[str, int]:
     """`{module_name: current rank}`."""
-    st = find_l1ra_model(model).l1ra_state
-    return {name: layer.r[st.adapter] for name, layer in st.layers}
+    return find_l1ra_model(model).l1ra_state.ranks()
 
 
 def rank_history(model: nn.Module) -> RankHistory:
@@ -168,21 +142,6 @@ def rank_history(model: nn.Module) -> RankHistory:
 def set_total_steps(model: nn.Module, total_steps: int) -> None:
     """Tell L1RA the run's length (needed when `update_every` is a fraction)."""
     find_l1ra_model(model).l1ra_state.config.total_steps = int(total_steps)
-
-
-def sync_lora_config(peft_model: PeftModel) -> None:
-    """Keep PEFT's own LoraConfig in step with the live ranks: `rank_pattern` per module and an `alpha_pattern` that
-    gives every module the scaling it trains with (`lora_alpha / r_initial`), so PEFT rebuilds the same adapter."""
-    st = peft_model.l1ra_state
-    lora_config = peft_model.peft_config[st.adapter]
-    rank_pat, alpha_pat = {}, {}
-    for name, layer in st.layers:
-        r = layer.r[st.adapter]
-        scaling = layer.scaling[st.adapter]
-        alpha = scaling * (math.sqrt(r) if layer.use_rslora[st.adapter] else r)
-        layer.lora_alpha[st.adapter] = alpha
-        rank_pat[name], alpha_pat[name] = r, alpha
-    lora_config.rank_pattern, lora_config.alpha_pattern = rank_pat, alpha_pat
 
 
 @torch.no_grad()
@@ -220,8 +179,6 @@ def adopt_loaded_params(model: nn.Module, optimizer, *, strict: bool = False) ->
     L1RACallback calls this at train begin: each stale parameter is swapped for its replacement and keeps the loaded
     state when the shapes agree. `strict`: raise instead (an optimizer step already went to the stale parameters).
     """
-    from .optim import unwrap_optimizer
-
     st = find_l1ra_model(model).l1ra_state
     if not st.replaced or optimizer is None:
         return 0
@@ -352,3 +309,15 @@ def reallocate(model: nn.Module, optimizer=None) -> ReallocationEvent:
     event = ReallocationEvent(step=st.step, ranks=rank_pattern(peft_model), pruned=pruned, added=added)
     st.history.record(event)
     return event
+
+
+def from_pretrained(model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False) -> PeftModel:
+    """Rebuild the L1RA model saved in `directory` on top of `model` (for resuming or inspecting ranks).
+
+    To use the adapter for inference only, plain `peft.PeftModel.from_pretrained(model, directory)` works too.
+    """
+    config = read_config(directory)
+    config.inference_mode = not is_trainable
+    peft_model = get_l1ra_model(model, config, adapter_name=adapter_name)
+    load_into(peft_model, directory)
+    return peft_model
