@@ -166,3 +166,96 @@ def test_library_modules_import_each_other_without_cycles():
 
     for name in sorted(graph):
         visit(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Merging with the gates
+
+
+def _gated_trained(arch="gpt2"):
+    model = build(arch)
+    train_steps(model, make_batch(arch), 3, hook=False)
+    kill_gates(model, 0.3)
+    with torch.no_grad():
+        for gate in l1ra.gates(model).values():
+            gate.mul_(0.7)  # gates strictly between 0 and 1 too
+    return model
+
+
+def _raw(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k or "l1ra_gate" in k}
+
+
+def test_merge_twice_then_unmerge_restores_gates_and_weights():
+    model, batch = _gated_trained(), make_batch("gpt2")
+    expected, raw = logits(model, batch), _raw(model)
+    base = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    model.merge_adapter()
+    model.merge_adapter()  # PEFT skips an adapter that is already merged
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
+    model.unmerge_adapter()
+    for k, v in _raw(model).items():
+        assert torch.equal(v, raw[k]), k
+    for k, v in model.state_dict().items():
+        if k in base:
+            torch.testing.assert_close(v, base[k], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_paths_that_read_the_delta_weight_include_the_gate(arch):
+    model, batch = _gated_trained(arch), make_batch(arch)
+    expected = logits(model, batch)
+    st = model.l1ra_state
+    for name, layer in st.layers:
+        x = torch.randn(3, layer.in_features)
+        delta = layer.get_delta_weight(st.adapter)
+        y = x @ delta if getattr(layer, "fan_in_fan_out", False) else x @ delta.T
+        with torch.no_grad():
+            torch.testing.assert_close(y, layer(x) - layer.base_layer(x), atol=1e-6, rtol=0)
+    model.base_model.merge_adapter()  # PEFT's own merge, below the PeftModel
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
+    model.base_model.unmerge_adapter()
+    merged = model.base_model.merge_and_unload()
+    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-5, rtol=0)
+
+
+def test_gated_layers_survive_pickling():
+    import pickle
+
+    model, batch = _gated_trained(), make_batch("gpt2")
+    clone = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(logits(clone, batch), logits(model, batch))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. A second adapter is refused, whichever way it comes in
+
+
+def test_a_second_adapter_is_refused():
+    from peft import LoraConfig
+
+    model = build("llama")
+    with pytest.raises(ValueError, match="holds one adapter"):
+        model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="holds one adapter"):
+        model.load_adapter("/nonexistent", "other")
+    with pytest.raises(ValueError, match="add_weighted_adapter"):
+        model.add_weighted_adapter(["default"], [1.0], "mix")
+    assert list(model.peft_config) == ["default"]
+
+
+def test_an_adapter_added_below_the_peft_model_stops_training_and_saving(tmp_path):
+    from peft import LoraConfig
+
+    model = build("llama")
+    opt = l1ra.create_optimizer(model, lr=1e-3)
+    model.peft_config["other"] = LoraConfig(r=2, target_modules=["q_proj"])
+    model.base_model.inject_adapter(model.base_model.model, "other")  # PEFT's lower-level API
+    gates_before = {k: v.detach().clone() for k, v in l1ra.gates(model).items()}
+    with pytest.raises(ValueError, match="delete_adapter\\('other'\\)"):
+        l1ra.after_optimizer_step(model, opt)
+    assert all(torch.equal(v, gates_before[k]) for k, v in l1ra.gates(model).items()), "no L1 step was taken"
+    with pytest.raises(ValueError, match="holds one adapter"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

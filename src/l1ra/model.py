@@ -29,35 +29,43 @@ class L1RAModelMixin:
     l1ra_state: L1RAState
 
     def save_pretrained(self, save_directory, **kwargs):
+        check_single_adapter(self)  # PEFT would save the others in subfolders that the L1RA save does not keep
         save_l1ra(self, save_directory, super_save=super().save_pretrained, **kwargs)
 
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
         if adapter_name == self.l1ra_state.adapter:
             return load_into(self, model_id)
-        return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+        raise ValueError(one_adapter_message(self, adapter_name))
 
-    def merge_and_unload(self, *args, **kwargs):
-        fold_gates_(self)
-        return self.base_model.merge_and_unload(*args, **kwargs)
+    # Merging needs nothing here: every gated layer's `get_delta_weight` includes its gate (see l1ra.gates), so
+    # PEFT's merge_adapter / unmerge_adapter / merge_and_unload are exact, also on `base_model`.
 
-    def merge_adapter(self, *args, **kwargs):
-        # PEFT merges B @ A; fold the gates into A for the merge and restore the raw values on unmerge.
-        self._l1ra_unmerged = {
-            name: (layer.lora_A[self.l1ra_state.adapter].weight.detach().clone(), gate.detach().clone())
-            for (name, layer), gate in zip(self.l1ra_state.layers, gates(self).values())
-        }
-        fold_gates_(self)
-        return self.base_model.merge_adapter(*args, **kwargs)
+    def add_adapter(self, adapter_name, peft_config, *args, **kwargs):
+        raise ValueError(one_adapter_message(self, adapter_name))
 
-    def unmerge_adapter(self, *args, **kwargs):
-        result = self.base_model.unmerge_adapter(*args, **kwargs)
-        saved = self.__dict__.pop("_l1ra_unmerged", {})
-        with torch.no_grad():
-            for name, layer in self.l1ra_state.layers:
-                if name in saved:
-                    layer.lora_A[self.l1ra_state.adapter].weight.copy_(saved[name][0])
-                    layer.l1ra_gate[self.l1ra_state.adapter].copy_(saved[name][1])
-        return result
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise ValueError(
+            "add_weighted_adapter: an L1RA model holds one adapter, and PEFT's weighted combinations read lora_A "
+            "without the L1RA gates. Save the adapter (model.save_pretrained, a plain PEFT LoRA with the gates folded "
+            "in), load it with peft.PeftModel.from_pretrained, and combine adapters there."
+        )
+
+
+def one_adapter_message(peft_model, other) -> str:
+    st = peft_model.l1ra_state
+    return (
+        f"an L1RA model holds one adapter ({st.adapter!r}); another ({other!r}) would be trained, saved and pruned "
+        "wrongly (the L1 acts on the L1RA gates whichever adapter is active, and the L1RA save writes one adapter). "
+        "Save the L1RA adapter (model.save_pretrained) and load it with peft.PeftModel.from_pretrained to combine it "
+        "with other adapters" + (f", or remove the other one with model.delete_adapter({other!r})." if other in peft_model.peft_config else ".")
+    )
+
+
+def check_single_adapter(peft_model) -> None:
+    """Refuse a model that holds adapters beside the L1RA one (added through PEFT's lower-level APIs)."""
+    others = [name for name in peft_model.peft_config if name != peft_model.l1ra_state.adapter]
+    if others:
+        raise ValueError(one_adapter_message(peft_model, others[0]))
 
 
 _CLASSES: dict[type, type] = {}
@@ -244,6 +252,7 @@ def after_optimizer_step(
     st = peft_model.l1ra_state
     interval = st.config.update_interval(st.total_steps)  # raises before any state changes
     l1_start = st.config.l1_start_step(st.total_steps)
+    check_single_adapter(peft_model)
     if not st.setup_checked:
         distributed.check_not_sharded(model, optimizer)
         adopt_loaded_params(peft_model, optimizer, strict=True)
