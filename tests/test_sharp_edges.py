@@ -289,3 +289,51 @@ def test_supported_initialisations_train_reallocate_and_merge(init):
 def test_initialisations_that_would_break_l1ra_are_refused_naming_why(init, why):
     with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' is not supported: .*{why}.*Use one of True"):
         L1RAConfig(r=4, target_modules="all-linear", init_lora_weights=init)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Gates stay fp32 with bf16 adapters
+
+
+def _bf16_model(**overrides):
+    kwargs = dict(r=4, target_modules="all-linear", task_type="CAUSAL_LM", l1ra_lambda=0.1, eta_c=0.02, update_every=10**6)
+    kwargs.update(overrides)
+    base = make_model("llama").to(torch.bfloat16)
+    return l1ra.get_l1ra_model(base, L1RAConfig(**kwargs), autocast_adapter_dtype=False)
+
+
+def test_gates_are_fp32_with_bf16_adapters_and_the_proximal_step_is_exact():
+    model = _bf16_model()
+    layer = model.l1ra_state.layers[0][1]
+    assert layer.lora_A["default"].weight.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in l1ra.gates(model).values())
+    opt = l1ra.create_optimizer(model, lr=1e-3)
+    for _ in range(50):  # tau = 0.02 * 0.1 = 2e-3 per step
+        l1ra.after_optimizer_step(model, opt)
+    for gate in l1ra.gates(model).values():
+        torch.testing.assert_close(gate.detach(), torch.full_like(gate, 0.9), atol=1e-5, rtol=0)  # bf16 gave 0.805
+    l1ra.after_optimizer_step(model, opt, step=51)  # and a tau far below a bf16 step near 1 still acts
+    small = _bf16_model(l1ra_lambda=1e-3)  # tau = 2e-5 < half a bf16 step at 1 (2**-9)
+    l1ra.after_optimizer_step(small, l1ra.create_optimizer(small, lr=1e-3))
+    assert all(bool((g < 1).all()) for g in l1ra.gates(small).values())
+
+
+def test_bf16_adapters_train_reallocate_and_round_trip_with_fp32_gates(tmp_path):
+    model, batch = _bf16_model(l1ra_lambda=0.0), make_batch("llama")
+    opt = train_steps(model, batch, 2, hook=False)
+    assert all(g.grad is None or g.grad.dtype == torch.float32 for g in l1ra.gates(model).values())
+    assert any(opt.state[g] for g in l1ra.gates(model).values()), "the gates trained"
+    kill_gates(model, 0.5)
+    l1ra.reallocate(model, opt)
+    assert all(g.dtype == torch.float32 for g in l1ra.gates(model).values())
+    train_steps(model, batch, 1, opt)
+    model.save_pretrained(tmp_path / "ckpt")
+    restored = l1ra.model.from_pretrained(make_model("llama").to(torch.bfloat16), tmp_path / "ckpt", is_trainable=True)
+    for name, gate in l1ra.gates(restored).items():
+        assert gate.dtype == torch.float32 and torch.equal(gate, l1ra.gates(model)[name])
+
+
+def test_gates_cast_after_wrapping_are_refused():
+    model = build("llama").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="gates are torch.bfloat16, not float32"):
+        l1ra.after_optimizer_step(model, l1ra.create_optimizer(model, lr=1e-3))

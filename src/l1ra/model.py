@@ -61,6 +61,17 @@ def one_adapter_message(peft_model, other) -> str:
     )
 
 
+def check_gate_dtype(peft_model) -> None:
+    """Gates are created in fp32 (see l1ra.gates); refuse gates that a later `model.to(dtype)` cast."""
+    cast = {str(g.dtype) for g in peft_model.l1ra_state.gates().values() if g.dtype != torch.float32}
+    if cast:
+        raise ValueError(
+            f"the L1RA gates are {', '.join(sorted(cast))}, not float32 (was the model cast with .to(dtype) or .half() "
+            "after get_l1ra_model?): in low precision the proximal L1 step rounds away. Cast the base model before "
+            "get_l1ra_model (pass autocast_adapter_dtype=False to keep the adapters in its dtype); the gates stay fp32."
+        )
+
+
 def check_single_adapter(peft_model) -> None:
     """Refuse a model that holds adapters beside the L1RA one (added through PEFT's lower-level APIs)."""
     others = [name for name in peft_model.peft_config if name != peft_model.l1ra_state.adapter]
@@ -255,6 +266,7 @@ def after_optimizer_step(
     check_single_adapter(peft_model)
     if not st.setup_checked:
         distributed.check_not_sharded(model, optimizer)
+        check_gate_dtype(peft_model)
         adopt_loaded_params(peft_model, optimizer, strict=True)
         st.setup_checked = True
     if optimizer_step_skipped is None:
