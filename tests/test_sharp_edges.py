@@ -337,3 +337,25 @@ def test_gates_cast_after_wrapping_are_refused():
     model = build("llama").to(torch.bfloat16)
     with pytest.raises(ValueError, match="gates are torch.bfloat16, not float32"):
         l1ra.after_optimizer_step(model, l1ra.create_optimizer(model, lr=1e-3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Saved files are as readable as the umask allows
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+@pytest.mark.parametrize("adapter", ["default", "mine"])
+def test_saved_files_follow_the_umask(tmp_path, umask, mode, adapter):
+    import os
+    import stat
+
+    model = l1ra.get_l1ra_model(make_model("llama"), L1RAConfig(r=4, target_modules="all-linear"), adapter_name=adapter)
+    old = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "out")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"adapter_model.safetensors", "l1ra_state.safetensors", "l1ra_state.json"}
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == mode, (path.name, oct(stat.S_IMODE(path.stat().st_mode)))

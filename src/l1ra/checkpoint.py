@@ -25,6 +25,7 @@ from peft import set_peft_model_state_dict
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 
+from .atomic import default_mode
 from .config import L1RAConfig
 from .history import RankHistory
 from .resize import set_adapter_rank
@@ -120,6 +121,9 @@ def save_l1ra(peft_model, save_directory, *, super_save, is_main_process: bool =
         # The resume JSON goes last: its presence marks a complete save.
         files = sorted((p for p in out_dir.iterdir() if p.is_file()), key=lambda p: p.name == STATE_JSON)
         for path in files:
+            # Writers such as safetensors create 0600 files; give every file the mode the umask gives any new file,
+            # so that e.g. a serving process under another user can read the adapter.
+            os.chmod(path, default_mode())
             os.replace(path, final_dir / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
