@@ -220,12 +220,23 @@ def test_peft_paths_that_read_the_delta_weight_include_the_gate(arch):
     torch.testing.assert_close(logits(merged, batch), expected, atol=1e-5, rtol=0)
 
 
-def test_gated_layers_survive_pickling():
-    import pickle
+def test_gated_layers_survive_pickling_into_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
 
     model, batch = _gated_trained(), make_batch("gpt2")
-    clone = pickle.loads(pickle.dumps(model))
-    torch.testing.assert_close(logits(clone, batch), logits(model, batch))
+    torch.save({"model": model, "batch": batch, "logits": logits(model, batch)}, tmp_path / "m.pt")
+    code = (
+        "import sys, torch; import l1ra.model; sys.path.insert(0, %r); "
+        "d = torch.load(%r, weights_only=False); m = d['model'].eval(); "
+        "x = {k: v for k, v in d['batch'].items() if k != 'labels'}; "
+        "print(type(m).__name__, float((m(**x).logits - d['logits']).abs().max()))"
+    ) % (str(Path(__file__).parent), str(tmp_path / "m.pt"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    name, diff = out.stdout.split()[-2:]
+    assert name == "L1RAPeftModelForCausalLM" and float(diff) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

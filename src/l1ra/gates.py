@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import Linear as LoraLinear, LoraLayer
 from peft.utils.other import transpose
 
 GATE_ATTR = "l1ra_gate"
@@ -64,6 +64,10 @@ def gated_class(cls: type) -> type:
         globals()[name] = new
         _GATED[cls] = new
     return _GATED[cls]
+
+
+# The usual class exists from import on, so that a pickled model unpickles in a fresh process.
+L1RALinear = gated_class(LoraLinear)
 
 
 def attach_gate(layer: LoraLayer, adapter: str) -> nn.Parameter:

@@ -9,6 +9,7 @@ from torch import nn
 
 import peft
 from peft import PeftModel
+from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.tuners.lora import LoraLayer
 
 from . import distributed
@@ -89,6 +90,11 @@ def _l1ra_class(cls: type) -> type:
         globals()[new.__name__] = new
         _CLASSES[cls] = new
     return _CLASSES[cls]
+
+
+# PEFT's own classes get theirs at import, so that a pickled model unpickles in a fresh process.
+for _cls in (PeftModel, *MODEL_TYPE_TO_PEFT_MODEL_MAPPING.values()):
+    _l1ra_class(_cls)
 
 
 def get_l1ra_model(
