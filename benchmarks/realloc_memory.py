@@ -38,6 +38,9 @@ def one(method: str, autocast: bool, steps: int) -> dict:
         train_step(pm, opt, sched, after_step, batch, step, spec.max_grad_norm, autocast)
         if step % 10 == 0:
             rss.append(round(rss_mb()))
+            # A partial line every 10 steps, so a run cut short by a time limit still reports (the last line counts).
+            print(json.dumps({"method": method, "autocast": autocast, "steps_done": step, "rss_every_10_steps_mib": rss,
+                              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}), flush=True)
     moved = sum(sum(e.added.values()) for e in pm.l1ra_state.history.events) if method == "l1ra" else 0
     return {"method": method, "autocast": autocast, "rss_every_10_steps_mib": rss, "ranks_moved": moved,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}

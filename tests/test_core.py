@@ -144,11 +144,25 @@ def test_optimizer_state_is_kept_for_surviving_ranks_and_zero_for_new_ones():
     train_steps(model, batch, 1, opt)
 
 
+def _adapter_params(model):
+    st = model.l1ra_state
+    return {n: (l.lora_A[st.adapter].weight, l.lora_B[st.adapter].weight, l.l1ra_gate[st.adapter]) for n, l in st.layers}
+
+
+FIRST_MOMENTS = {
+    torch.optim.SGD: ["momentum_buffer"], torch.optim.Adam: ["exp_avg"], torch.optim.Adagrad: ["sum"], torch.optim.Adafactor: [],
+}
+
+
 @pytest.mark.parametrize(
     "optimizer_cls,kwargs",
     [(torch.optim.SGD, dict(momentum=0.9)), (torch.optim.Adam, {}), (torch.optim.Adafactor, {}), (torch.optim.Adagrad, {})],
 )
-def test_any_torch_optimizer_trains_and_survives_reallocation(optimizer_cls, kwargs):
+def test_any_torch_optimizer_trains_and_its_state_is_remapped(optimizer_cls, kwargs):
+    """Surviving ranks keep their state exactly; new ranks get zero first moments (as a fresh optimizer) and Adam's
+    second moment seeded with the survivors' mean; state l1ra cannot slice (Adafactor's factored moments) is reset."""
+    from l1ra.allocator import prune_mask
+
     model = build("llama", update_every=2, l1ra_lambda=0.0)
     batch = make_batch("llama")
     opt = l1ra.create_optimizer(model, lr=1e-2, optimizer_cls=optimizer_cls, **kwargs)
@@ -156,10 +170,45 @@ def test_any_torch_optimizer_trains_and_survives_reallocation(optimizer_cls, kwa
         model(**batch).loss.backward()
         opt.step()
         kill_gates(model, 0.3, seed=step)
-        with pytest.warns(UserWarning, match="cannot slice") if (optimizer_cls is torch.optim.Adafactor and step % 2) else contextlib.nullcontext():
-            l1ra.after_optimizer_step(model, opt)
+        before = {n: tuple(p for p in ps) for n, ps in _adapter_params(model).items()}
+        states = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for ps in before.values() for p in ps}
+        keeps = {n: prune_mask(ps[2].detach(), 0.0, 1).nonzero().flatten() for n, ps in before.items()}
+        warns = pytest.warns(UserWarning, match="cannot slice") if (optimizer_cls is torch.optim.Adafactor and step % 2) else contextlib.nullcontext()
+        with warns:
+            event = l1ra.after_optimizer_step(model, opt)
         opt.zero_grad()
+        if event is None:
+            continue
+        assert event.moved > 0
+        for name, new_params in _adapter_params(model).items():
+            keep = keeps[name]
+            for old, new, dim in zip(before[name], new_params, (0, 1, 0)):
+                if new is old:
+                    assert len(keep) == old.shape[dim] and not event.added.get(name)
+                    continue
+                if "row_var" in states[id(old)]:  # Adafactor's factored moments of a matrix
+                    assert new not in opt.state  # reset, rebuilt on the next step
+                    continue
+                old_state, new_state = states[id(old)], opt.state[new]
+                assert old_state.keys() == new_state.keys()
+                n_keep = len(keep)
+                for key, value in old_state.items():
+                    if value.ndim == 0:
+                        assert torch.equal(new_state[key], value) and new_state[key] is not value
+                        continue
+                    survivors = value.index_select(dim, keep)
+                    assert torch.equal(new_state[key].narrow(dim, 0, n_keep), survivors), key
+                    fresh = new_state[key].narrow(dim, n_keep, new.shape[dim] - n_keep)
+                    if key in FIRST_MOMENTS[optimizer_cls]:
+                        assert torch.equal(fresh, torch.zeros_like(fresh)), key
+                    elif key in ("exp_avg_sq", "variance"):
+                        assert torch.equal(fresh, survivors.mean(dim, keepdim=True).expand_as(fresh)), key
+                    else:
+                        raise AssertionError(f"unexpected state {key}")
     assert sum(l1ra.rank_pattern(model).values()) == model.l1ra_state.budget
+    assert sum(e.moved for e in l1ra.rank_history(model).events) > 0
+    steps = [id(s["step"]) for s in opt.state.values() if "step" in s]
+    assert len(steps) == len(set(steps))
 
 
 def test_proximal_step_is_soft_threshold_then_box_with_the_gate_group_lr():

@@ -67,7 +67,7 @@ def test_vanilla_peft_loads_every_arch_with_the_same_logits(tmp_path):
 def test_l1ra_checkpoint_restores_raw_weights_gates_and_history(tmp_path):
     model, batch = trained("llama", tmp_path)
     model.save_pretrained(tmp_path / "ckpt")
-    restored = l1ra.from_pretrained(make_model("llama"), tmp_path / "ckpt", is_trainable=True)
+    restored = l1ra.model.from_pretrained(make_model("llama"), tmp_path / "ckpt", is_trainable=True)
     assert l1ra.rank_pattern(restored) == l1ra.rank_pattern(model)
     for (k, v), (k2, v2) in zip(model.state_dict().items(), restored.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k  # raw A (rows behind zero gates too) and gates, bit for bit

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -20,11 +21,15 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError
+from peft import set_peft_model_state_dict
+from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
-from torch import nn
 
+from .atomic import default_mode
 from .config import L1RAConfig
 from .history import RankHistory
+from .resize import set_adapter_rank
+from .state import sync_lora_config
 
 STATE_JSON = "l1ra_state.json"
 STATE_TENSORS = "l1ra_state.safetensors"
@@ -68,8 +73,6 @@ def config_from_dict(values: dict) -> L1RAConfig:
 
 
 def state_json(peft_model) -> dict:
-    from .model import rank_pattern
-
     st = peft_model.l1ra_state
     return {
         "format_version": FORMAT_VERSION,
@@ -77,7 +80,7 @@ def state_json(peft_model) -> dict:
         "budget": st.budget,
         "step": st.step,
         "reallocations": st.reallocations,
-        "ranks": rank_pattern(peft_model),
+        "ranks": st.ranks(),
         "config": config_to_dict(st.config),
         "history": st.history.to_json(),
     }
@@ -118,6 +121,9 @@ def save_l1ra(peft_model, save_directory, *, super_save, is_main_process: bool =
         # The resume JSON goes last: its presence marks a complete save.
         files = sorted((p for p in out_dir.iterdir() if p.is_file()), key=lambda p: p.name == STATE_JSON)
         for path in files:
+            # Writers such as safetensors create 0600 files; give every file the mode the umask gives any new file,
+            # so that e.g. a serving process under another user can read the adapter.
+            os.chmod(path, default_mode())
             os.replace(path, final_dir / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,6 +185,37 @@ def _adapter_params(layer, adapter: str) -> tuple:
     return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.l1ra_gate[adapter]
 
 
+# LoraConfig fields that change what the saved weights compute; they must agree with the model's.
+_SAME_KIND = {
+    "use_dora": "L1RA does not support DoRA adapters",
+    "lora_bias": "lora_B carries a bias in one and not the other",
+}
+
+
+def _check_same_kind(saved: dict, live, path: Path) -> None:
+    for key, why in _SAME_KIND.items():
+        value, mine = bool(saved.get(key) or False), bool(getattr(live, key, False) or False)
+        if value != mine:
+            raise CheckpointError(f"{path}: {key}={value} but this model has {key}={mine} ({why}); build the model with "
+                                  f"{key}={value} to load this adapter")
+
+
+def saved_scalings(lora_cfg: dict, ranks: dict[str, int], path: Path) -> dict[str, float]:
+    """Each module's scaling as PEFT computes it from the saved config (`lora_alpha`/`alpha_pattern` over `r` or,
+    with rsLoRA, over sqrt(r)), so that loading reproduces the saved function exactly."""
+    alpha, patterns, rslora = lora_cfg.get("lora_alpha"), lora_cfg.get("alpha_pattern") or {}, lora_cfg.get("use_rslora")
+    out = {}
+    for name, r in ranks.items():
+        key = get_pattern_key(patterns.keys(), name)
+        a = patterns.get(key, alpha)
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not isinstance(rslora, (bool, type(None))):
+            raise CheckpointError(f"{path}: lora_alpha={a!r} / use_rslora={rslora!r} for {name} is not a valid scaling")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise CheckpointError(f"{path}: rank {r!r} of {name} is not a positive integer")
+        out[name] = a / (math.sqrt(r) if rslora else r)
+    return out
+
+
 @torch.no_grad()
 def load_into(peft_model, directory) -> None:
     """Load an L1RA checkpoint (or a plain PEFT LoRA adapter) into `peft_model`, resizing its adapters first.
@@ -186,11 +223,6 @@ def load_into(peft_model, directory) -> None:
     This is what `model.load_adapter(dir, adapter_name)` does on an L1RA model, so `Trainer(resume_from_checkpoint=)`
     restores the moved ranks before the optimizer state is loaded.
     """
-    from .model import sync_lora_config
-    from .resize import set_adapter_rank
-
-    from peft import set_peft_model_state_dict
-
     st = peft_model.l1ra_state
     directory = Path(directory)
     if st.adapter != "default":
@@ -199,6 +231,11 @@ def load_into(peft_model, directory) -> None:
         raise CheckpointError(f"{directory}: not a directory holding an adapter")
     state_path = directory / STATE_JSON
     resume = state_path.exists()
+    config_path = directory / ADAPTER_CONFIG
+    lora_cfg = _read_json(config_path)
+    if not isinstance(lora_cfg, dict) or lora_cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{config_path}: peft_type={lora_cfg.get('peft_type') if isinstance(lora_cfg, dict) else None!r}, not a LoRA adapter")
+    _check_same_kind(lora_cfg, peft_model.peft_config[st.adapter], config_path)
     if resume:
         meta = _read_json(state_path)
         ranks = meta.get("ranks") if isinstance(meta, dict) else None
@@ -206,16 +243,8 @@ def load_into(peft_model, directory) -> None:
             raise CheckpointError(f"{state_path}: no 'ranks' table; the file is corrupted")
         _check_meta(meta, state_path, directory)
     else:
-        lora_cfg = _read_json(directory / ADAPTER_CONFIG)
-        if lora_cfg.get("peft_type") != "LORA":
-            raise CheckpointError(f"{directory / ADAPTER_CONFIG}: peft_type={lora_cfg.get('peft_type')!r}, not a LoRA adapter")
         pattern = lora_cfg.get("rank_pattern") or {}
-        from peft.utils.other import get_pattern_key
-
-        ranks = {
-            name: pattern.get(get_pattern_key(pattern.keys(), name), lora_cfg.get("r"))
-            for name, _ in st.layers
-        }
+        ranks = {name: pattern.get(get_pattern_key(pattern.keys(), name), lora_cfg.get("r")) for name, _ in st.layers}
     names = [name for name, _ in st.layers]
     if set(ranks) != set(names):
         missing, extra = sorted(set(names) - set(ranks)), sorted(set(ranks) - set(names))
@@ -249,12 +278,14 @@ def load_into(peft_model, directory) -> None:
             raw_a, gate = raw.get(f"{name}.lora_A"), raw.get(f"{name}.gate")
             if raw_a is None or gate is None or raw_a.shape != a.shape or gate.shape != (r,):
                 raise CheckpointError(f"{directory / STATE_TENSORS}: raw weights of {name} do not match rank {r}")
+    scalings = saved_scalings(lora_cfg, ranks, config_path)
     for name, layer in st.layers:
         before = _adapter_params(layer, st.adapter)
         set_adapter_rank(layer, st.adapter, ranks[name])
         for old, new in zip(before, _adapter_params(layer, st.adapter)):
             if old is not new:  # an optimizer built before this load must follow (see model.adopt_loaded_params)
                 st.replaced[id(old)] = (weakref.ref(old), new)
+        layer.scaling[st.adapter] = scalings[name]  # the saved function, whatever this model was built with
     sync_lora_config(peft_model)
     result = set_peft_model_state_dict(peft_model, weights, adapter_name=st.adapter)
     for name, layer in st.layers:
@@ -276,17 +307,3 @@ def read_config(directory) -> L1RAConfig:
     """The `L1RAConfig` an L1RA checkpoint was trained with."""
     path = Path(directory) / STATE_JSON
     return config_from_dict(_read_json(path)["config"])
-
-
-def from_pretrained(model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False):
-    """Rebuild the L1RA model saved in `directory` on top of `model` (for resuming or inspecting ranks).
-
-    To use the adapter for inference only, plain `peft.PeftModel.from_pretrained(model, directory)` works too.
-    """
-    from .model import get_l1ra_model
-
-    config = read_config(directory)
-    config.inference_mode = not is_trainable
-    peft_model = get_l1ra_model(model, config, adapter_name=adapter_name)
-    load_into(peft_model, directory)
-    return peft_model

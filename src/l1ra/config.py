@@ -27,6 +27,37 @@ L1RA_FIELDS = (
 )
 
 
+# init_lora_weights values L1RA supports: B = 0 (True, "gaussian"), or random A and B (False, "orthogonal"). None of
+# them puts part of the pretrained weight into the adapter, and all keep lora_A an nn.Linear that the gate hooks.
+SUPPORTED_INITS = (True, False, "gaussian", "orthogonal")
+_REFUSED_INITS = {
+    "pissa": "it moves the principal singular components of the pretrained weight into B·A, so pruning a rank would "
+    "delete part of the pretrained model",
+    "olora": "it moves a QR factor of the pretrained weight into B·A, so pruning a rank would delete part of the "
+    "pretrained model",
+    "corda": "it moves context-oriented components of the pretrained weight into B·A, so pruning a rank would delete "
+    "part of the pretrained model",
+    "loftq": "it splits the pretrained weight between the quantized base and B·A, so pruning a rank would delete part "
+    "of the pretrained model",
+    "lora_ga": "it subtracts the initial adapter from the pretrained weight, so pruning a rank would change the model",
+    "eva": "it replaces the lora_A modules after a data pass, which drops the L1RA gates, and it already chooses "
+    "ranks from data (run EVA with plain PEFT, or L1RA from init_lora_weights=True)",
+    "mica": "it freezes B and starts A at zero, so the gates get no gradient and a new rank cannot be drawn like the "
+    "others",
+}
+
+
+def _check_init_lora_weights(value) -> None:
+    if any(value is v or (isinstance(value, str) and value.lower() == v) for v in SUPPORTED_INITS):
+        return
+    kind = value.lower().split("_niter")[0] if isinstance(value, str) else None
+    why = _REFUSED_INITS.get(kind, "L1RA does not know this initialisation")
+    raise ValueError(
+        f"L1RAConfig.init_lora_weights={value!r} is not supported: {why}. Use one of "
+        f"{', '.join(repr(v) for v in SUPPORTED_INITS)}."
+    )
+
+
 @dataclass
 class L1RAConfig(LoraConfig):
     """LoRA with a gate vector between the two factors, an L1 penalty on the gates and a fixed rank budget.
@@ -98,6 +129,7 @@ class L1RAConfig(LoraConfig):
     )
 
     def __post_init__(self):
+        _check_init_lora_weights(self.init_lora_weights)  # before PEFT's checks, which ask for e.g. a loftq_config
         super().__post_init__()
         self._validate_l1ra()
 

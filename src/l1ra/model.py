@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -11,35 +9,18 @@ from torch import nn
 
 import peft
 from peft import PeftModel
+from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.tuners.lora import LoraLayer
 
 from . import distributed
 from .allocator import is_reallocation_step, plan_reallocation
+from .checkpoint import load_into, read_config, save_l1ra
 from .config import L1RAConfig
 from .gates import attach_gate, shrink_gates_
 from .history import RankHistory, ReallocationEvent
-from .optim import group_lr_of, param_groups, remap_optimizer
+from .optim import group_lr_of, param_groups, remap_optimizer, unwrap_optimizer
 from .resize import new_lora_A_rows, resize_adapter
-
-
-@dataclass
-class L1RAState:
-    """Everything L1RA keeps beside PEFT's LoRA weights (saved in `l1ra_state.json` for resuming)."""
-
-    config: L1RAConfig
-    adapter: str
-    budget: int  # in the config's budget_unit: ranks, or LoRA parameters (see rank_costs)
-    step: int = 0  # optimizer steps seen by after_optimizer_step
-    reallocations: int = 0
-    history: RankHistory = field(default_factory=RankHistory)
-    layers: list[tuple[str, LoraLayer]] = field(default_factory=list, repr=False)  # (module name, LoraLayer) of every gated adapter
-    # Parameters replaced when a checkpoint was loaded (old -> new), for an optimizer built before the load.
-    replaced: dict = field(default_factory=dict, repr=False)
-    setup_checked: bool = field(default=False, repr=False)
-
-    @property
-    def total_steps(self) -> Optional[int]:
-        return self.config.total_steps
+from .state import L1RAState, sync_lora_config  # noqa: F401  (sync_lora_config: re-exported for callers of l1ra.model)
 
 
 class L1RAModelMixin:
@@ -49,39 +30,54 @@ class L1RAModelMixin:
     l1ra_state: L1RAState
 
     def save_pretrained(self, save_directory, **kwargs):
-        from .checkpoint import save_l1ra
-
+        check_single_adapter(self)  # PEFT would save the others in subfolders that the L1RA save does not keep
         save_l1ra(self, save_directory, super_save=super().save_pretrained, **kwargs)
 
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
-        from .checkpoint import load_into
-
         if adapter_name == self.l1ra_state.adapter:
             return load_into(self, model_id)
-        return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+        raise ValueError(one_adapter_message(self, adapter_name))
 
-    def merge_and_unload(self, *args, **kwargs):
-        fold_gates_(self)
-        return self.base_model.merge_and_unload(*args, **kwargs)
+    # Merging needs nothing here: every gated layer's `get_delta_weight` includes its gate (see l1ra.gates), so
+    # PEFT's merge_adapter / unmerge_adapter / merge_and_unload are exact, also on `base_model`.
 
-    def merge_adapter(self, *args, **kwargs):
-        # PEFT merges B @ A; fold the gates into A for the merge and restore the raw values on unmerge.
-        self._l1ra_unmerged = {
-            name: (layer.lora_A[self.l1ra_state.adapter].weight.detach().clone(), gate.detach().clone())
-            for (name, layer), gate in zip(self.l1ra_state.layers, gates(self).values())
-        }
-        fold_gates_(self)
-        return self.base_model.merge_adapter(*args, **kwargs)
+    def add_adapter(self, adapter_name, peft_config, *args, **kwargs):
+        raise ValueError(one_adapter_message(self, adapter_name))
 
-    def unmerge_adapter(self, *args, **kwargs):
-        result = self.base_model.unmerge_adapter(*args, **kwargs)
-        saved = self.__dict__.pop("_l1ra_unmerged", {})
-        with torch.no_grad():
-            for name, layer in self.l1ra_state.layers:
-                if name in saved:
-                    layer.lora_A[self.l1ra_state.adapter].weight.copy_(saved[name][0])
-                    layer.l1ra_gate[self.l1ra_state.adapter].copy_(saved[name][1])
-        return result
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise ValueError(
+            "add_weighted_adapter: an L1RA model holds one adapter, and PEFT's weighted combinations read lora_A "
+            "without the L1RA gates. Save the adapter (model.save_pretrained, a plain PEFT LoRA with the gates folded "
+            "in), load it with peft.PeftModel.from_pretrained, and combine adapters there."
+        )
+
+
+def one_adapter_message(peft_model, other) -> str:
+    st = peft_model.l1ra_state
+    return (
+        f"an L1RA model holds one adapter ({st.adapter!r}); another ({other!r}) would be trained, saved and pruned "
+        "wrongly (the L1 acts on the L1RA gates whichever adapter is active, and the L1RA save writes one adapter). "
+        "Save the L1RA adapter (model.save_pretrained) and load it with peft.PeftModel.from_pretrained to combine it "
+        "with other adapters" + (f", or remove the other one with model.delete_adapter({other!r})." if other in peft_model.peft_config else ".")
+    )
+
+
+def check_gate_dtype(peft_model) -> None:
+    """Gates are created in fp32 (see l1ra.gates); refuse gates that a later `model.to(dtype)` cast."""
+    cast = {str(g.dtype) for g in peft_model.l1ra_state.gates().values() if g.dtype != torch.float32}
+    if cast:
+        raise ValueError(
+            f"the L1RA gates are {', '.join(sorted(cast))}, not float32 (was the model cast with .to(dtype) or .half() "
+            "after get_l1ra_model?): in low precision the proximal L1 step rounds away. Cast the base model before "
+            "get_l1ra_model (pass autocast_adapter_dtype=False to keep the adapters in its dtype); the gates stay fp32."
+        )
+
+
+def check_single_adapter(peft_model) -> None:
+    """Refuse a model that holds adapters beside the L1RA one (added through PEFT's lower-level APIs)."""
+    others = [name for name in peft_model.peft_config if name != peft_model.l1ra_state.adapter]
+    if others:
+        raise ValueError(one_adapter_message(peft_model, others[0]))
 
 
 _CLASSES: dict[type, type] = {}
@@ -94,6 +90,11 @@ def _l1ra_class(cls: type) -> type:
         globals()[new.__name__] = new
         _CLASSES[cls] = new
     return _CLASSES[cls]
+
+
+# PEFT's own classes get theirs at import, so that a pickled model unpickles in a fresh process.
+for _cls in (PeftModel, *MODEL_TYPE_TO_PEFT_MODEL_MAPPING.values()):
+    _l1ra_class(_cls)
 
 
 def get_l1ra_model(
@@ -160,14 +161,12 @@ def find_l1ra_model(model: nn.Module) -> PeftModel:
 
 def gates(model: nn.Module) -> dict[str, nn.Parameter]:
     """`{module_name: gate}`: the live gate parameters, in module order."""
-    st = find_l1ra_model(model).l1ra_state
-    return {name: layer.l1ra_gate[st.adapter] for name, layer in st.layers}
+    return find_l1ra_model(model).l1ra_state.gates()
 
 
 def rank_pattern(model: nn.Module) -> dict[str, int]:
     """`{module_name: current rank}`."""
-    st = find_l1ra_model(model).l1ra_state
-    return {name: layer.r[st.adapter] for name, layer in st.layers}
+    return find_l1ra_model(model).l1ra_state.ranks()
 
 
 def rank_history(model: nn.Module) -> RankHistory:
@@ -177,21 +176,6 @@ def rank_history(model: nn.Module) -> RankHistory:
 def set_total_steps(model: nn.Module, total_steps: int) -> None:
     """Tell L1RA the run's length (needed when `update_every` is a fraction)."""
     find_l1ra_model(model).l1ra_state.config.total_steps = int(total_steps)
-
-
-def sync_lora_config(peft_model: PeftModel) -> None:
-    """Keep PEFT's own LoraConfig in step with the live ranks: `rank_pattern` per module and an `alpha_pattern` that
-    gives every module the scaling it trains with (`lora_alpha / r_initial`), so PEFT rebuilds the same adapter."""
-    st = peft_model.l1ra_state
-    lora_config = peft_model.peft_config[st.adapter]
-    rank_pat, alpha_pat = {}, {}
-    for name, layer in st.layers:
-        r = layer.r[st.adapter]
-        scaling = layer.scaling[st.adapter]
-        alpha = scaling * (math.sqrt(r) if layer.use_rslora[st.adapter] else r)
-        layer.lora_alpha[st.adapter] = alpha
-        rank_pat[name], alpha_pat[name] = r, alpha
-    lora_config.rank_pattern, lora_config.alpha_pattern = rank_pat, alpha_pat
 
 
 @torch.no_grad()
@@ -229,8 +213,6 @@ def adopt_loaded_params(model: nn.Module, optimizer, *, strict: bool = False) ->
     L1RACallback calls this at train begin: each stale parameter is swapped for its replacement and keeps the loaded
     state when the shapes agree. `strict`: raise instead (an optimizer step already went to the stale parameters).
     """
-    from .optim import unwrap_optimizer
-
     st = find_l1ra_model(model).l1ra_state
     if not st.replaced or optimizer is None:
         return 0
@@ -296,8 +278,10 @@ def after_optimizer_step(
     st = peft_model.l1ra_state
     interval = st.config.update_interval(st.total_steps)  # raises before any state changes
     l1_start = st.config.l1_start_step(st.total_steps)
+    check_single_adapter(peft_model)
     if not st.setup_checked:
         distributed.check_not_sharded(model, optimizer)
+        check_gate_dtype(peft_model)
         adopt_loaded_params(peft_model, optimizer, strict=True)
         st.setup_checked = True
     if optimizer_step_skipped is None:
@@ -364,3 +348,15 @@ def reallocate(model: nn.Module, optimizer=None) -> ReallocationEvent:
     event = ReallocationEvent(step=st.step, ranks=rank_pattern(peft_model), pruned=pruned, added=added)
     st.history.record(event)
     return event
+
+
+def from_pretrained(model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False) -> PeftModel:
+    """Rebuild the L1RA model saved in `directory` on top of `model` (for resuming or inspecting ranks).
+
+    To use the adapter for inference only, plain `peft.PeftModel.from_pretrained(model, directory)` works too.
+    """
+    config = read_config(directory)
+    config.inference_mode = not is_trainable
+    peft_model = get_l1ra_model(model, config, adapter_name=adapter_name)
+    load_into(peft_model, directory)
+    return peft_model

@@ -53,7 +53,14 @@ def group_lr_of(optimizer, params: list[nn.Parameter]) -> list[Optional[float]]:
     return [lr_by_id.get(id(p)) for p in params]
 
 
-def _resize_state_tensor(value, change: ParamChange):
+# Second-moment-like state (Adam's v, AMSGrad's max v, Adafactor's vector v): a new rank's slot is seeded with the mean of the surviving
+# ranks' values. Adam's bias correction belongs to the whole tensor (one `step`), so after a long run a zero v in a new
+# slot is never corrected: its first updates would be ~(1-beta1)/sqrt(1-beta2) = 3.2x a fresh Adam's. With the
+# survivors' v the new slot is normalised like its peers and its first steps are gentler than a fresh Adam's.
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "variance")  # "variance": Adafactor's unfactored (vector) state
+
+
+def _resize_state_tensor(key, value, change: ParamChange):
     if not isinstance(value, torch.Tensor):
         return value
     if value.ndim == 0:
@@ -63,13 +70,19 @@ def _resize_state_tensor(value, change: ParamChange):
     kept = value.index_select(change.rank_dim, change.keep.to(value.device))
     fill_shape = list(value.shape)
     fill_shape[change.rank_dim] = change.n_new
-    return torch.cat([kept, value.new_zeros(fill_shape)], dim=change.rank_dim)
+    if key in SECOND_MOMENTS and change.n_new and kept.shape[change.rank_dim] > 0:
+        fill = kept.mean(dim=change.rank_dim, keepdim=True).expand(fill_shape)
+    else:
+        fill = value.new_zeros(fill_shape)  # first moments, momentum, Adagrad's sum: what a fresh optimizer holds
+    return torch.cat([kept, fill], dim=change.rank_dim)
 
 
 def remap_optimizer(optimizer, changes: list[ParamChange]) -> int:
     """Point the optimizer at the resized parameters, slicing their state along the rank axis.
 
-    Surviving ranks keep their moments, new ranks start from zero, step counters are kept: no restart. State in an
+    Surviving ranks keep their moments exactly and step counters are kept: no restart. New ranks start with zero
+    first moments (momentum, Adagrad's sum: as a fresh optimizer) and second moments (`exp_avg_sq`) seeded with the
+    surviving ranks' mean, so that Adam's mature bias correction does not blow up their first steps. State in an
     unknown layout (e.g. Adafactor's factored moments) is dropped for that parameter only, with a warning, and
     rebuilt by the optimizer on its next step. Returns how many parameters were remapped.
     """
@@ -85,7 +98,7 @@ def remap_optimizer(optimizer, changes: list[ParamChange]) -> int:
         state = opt.state.pop(change.old, None)
         if state:
             try:
-                opt.state[change.new] = {k: _resize_state_tensor(v, change) for k, v in state.items()}
+                opt.state[change.new] = {k: _resize_state_tensor(k, v, change) for k, v in state.items()}
             except LookupError:
                 warnings.warn(
                     f"l1ra: {type(opt).__name__} keeps optimizer state in a layout l1ra cannot slice by rank; the "
