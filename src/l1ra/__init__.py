@@ -19,7 +19,7 @@ _EXPORTS = {
     "plan_reallocation": "allocator",
     "L1RAConfig": "config",
     "CheckpointError": "checkpoint",
-    "from_pretrained": "checkpoint",
+    "from_pretrained": "model",
     "ExportError": "export",
     "export_adapter": "export",
     "RankHistory": "history",
@@ -67,7 +67,7 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .allocator import AdapterPlan, plan_reallocation
     from .callback import L1RACallback
-    from .checkpoint import CheckpointError, from_pretrained
+    from .checkpoint import CheckpointError
     from .config import L1RAConfig
     from .export import ExportError, export_adapter
     from .history import RankHistory, ReallocationEvent
@@ -75,6 +75,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         after_optimizer_step,
         create_optimizer,
         find_l1ra_model,
+        from_pretrained,
         gates,
         get_l1ra_model,
         rank_history,
