@@ -52,14 +52,24 @@ def test_curve_scores_the_runs_heldout_set(tiny_run, capsys):
     assert smallest["heldout_loss"] != pytest.approx(full["heldout_loss"], abs=1e-7)
 
 
-def test_curve_max_eval_and_budgets(tiny_run, capsys):
-    assert main(["export", str(tiny_run / "adapter"), "--curve", "--max-eval", "2",
-                 "--curve-fractions", "1,0.5"]) == 0
+def test_curve_chosen_fractions_and_the_saved_adapter(tiny_run, capsys):
+    first = {p["budget"]: p for p in json.loads((tiny_run / "budget_curve.json").read_text())["points"]}
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert main(["export", str(tiny_run / "adapter"), "--curve", "--curve-fractions", "0.5,0.25"]) == 0
     curve = json.loads((tiny_run / "budget_curve.json").read_text())
-    assert curve["eval_examples"] == 2 and curve["max_eval"] == 2
-    assert [p["budget"] for p in curve["points"]] == [56, 28]
-    # on the same 2 examples, the full adapter and its re-factoring agree
-    assert curve["points"][0]["heldout_loss"] == pytest.approx(curve["full"]["loss"], abs=1e-4)
+    assert [p["budget"] for p in curve["points"]] == [28, 14]
+    assert curve["points"][0]["heldout_loss"] == pytest.approx(first[28]["heldout_loss"], abs=1e-9)
+    # the full budget is not a point: the saved adapter itself is scored, through plain PEFT
+    assert curve["full"]["scored"] == "the saved adapter"
+    assert curve["full"]["loss"] == pytest.approx(metrics["tuned"]["loss"], abs=1e-4)
+
+
+def test_curve_max_eval(tiny_run, capsys):
+    assert main(["export", str(tiny_run), "--curve", "--max-eval", "2", "--curve-fractions", "1"]) == 0
+    curve = json.loads((tiny_run / "budget_curve.json").read_text())
+    assert curve["eval_examples"] == 2 and curve["max_eval"] == 2 and [p["budget"] for p in curve["points"]] == [56]
+    assert curve["points"][0]["tokens"] < json.loads((tiny_run / "metrics.json").read_text())["tuned"]["tokens"]
+    assert "2 held-out examples" in capsys.readouterr().out
 
 
 def test_curve_on_a_bare_adapter_keeps_the_energy_table(tiny_run, tmp_path, capsys):

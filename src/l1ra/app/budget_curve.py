@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -112,6 +113,8 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
     points = []
     with tempfile.TemporaryDirectory(prefix="l1ra-curve-") as tmp:
         tmp = Path(tmp)
+        # the untruncated adapter as saved, loaded by plain PEFT; at full budget the export is the same function (an
+        # SVD re-factoring), so it is scored only when the full budget is not among the points
         model = PeftModel.from_pretrained(load_model(model_path, task), str(adapter_dir), adapter_name="full")
         names = {}
         for budget in budgets:
@@ -137,21 +140,26 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
             model.set_adapter(name)
             return from_trainer_metrics(trainer.evaluate())
 
-        base, full = score(None), score("full")
-        log(f"l1ra: base {base['loss']:.4f}, full adapter (total rank {total}) {full['loss']:.4f}")
+        t0 = time.perf_counter()
+        base = score(None)
+        log(f"l1ra: base model: held-out loss {base['loss']:.4f} ({time.perf_counter() - t0:.0f} s)")
+        full = None if total in budgets else score("full")
         for budget in budgets:
             result = score(names[budget])
+            if budget == total:
+                full = result
             points.append({"budget": budget, "fraction": budget / total,
                            "parameters": _adapter_parameters(tmp / f"budget-{budget}"), "heldout_loss": result["loss"],
                            **{k: v for k, v in result.items() if k != "loss"},
                            "energy_kept": energy[budget]["kept"], "max_rank": energy[budget]["max_rank"]})
-            log(f"l1ra: budget {budget}: held-out loss {result['loss']:.4f}")
+            log(f"l1ra: budget {budget}: held-out loss {result['loss']:.4f} ({time.perf_counter() - t0:.0f} s so far)")
     metrics_path = run / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     curve = {
         "run": str(run), "model_path": model_path, "task": task, "device": plan.describe(),
         "eval_examples": n_eval, "max_eval": max_eval, "modules": n_modules, "total_rank": total,
-        "base": base, "full": {**full, "budget": total, "parameters": _adapter_parameters(adapter_dir)},
+        "base": base, "full": {**full, "budget": total, "parameters": _adapter_parameters(adapter_dir),
+                               "scored": "fraction-1 export" if total in budgets else "the saved adapter"},
         "run_tuned_loss": (metrics.get("tuned") or {}).get("loss"),
         "points": points,
     }
