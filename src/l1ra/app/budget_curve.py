@@ -161,6 +161,7 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
         "base": base, "full": {**full, "budget": total, "parameters": _adapter_parameters(adapter_dir),
                                "scored": "fraction-1 export" if total in budgets else "the saved adapter"},
         "run_tuned_loss": (metrics.get("tuned") or {}).get("loss"),
+        "run_eval_examples": (config.get("data") or {}).get("eval_examples"),
         "points": points,
     }
     out = Path(out) if out is not None else run
@@ -201,8 +202,10 @@ def format_table(curve: dict) -> str:
         rows.append(f"{p['budget']:>6}  {100 * p['fraction']:>7.1f}%  {p['parameters']:>10,}  "
                     f"{p['heldout_loss']:>13.4f}  {100 * p['energy_kept']:>10.2f}%")
     rows.append(f"base model: {curve['base']['loss']:.4f}; full adapter (total rank {curve['total_rank']}): "
-                f"{curve['full']['loss']:.4f}" + (f"; run's tuned loss in metrics.json: {curve['run_tuned_loss']:.4f}"
-                                                  if curve.get("run_tuned_loss") is not None else ""))
+                f"{curve['full']['loss']:.4f}")
+    if curve.get("run_tuned_loss") is not None:
+        rows.append(f"the run's own tuned loss (metrics.json, {curve.get('run_eval_examples')} held-out examples): "
+                    f"{curve['run_tuned_loss']:.4f}")
     return "\n".join(rows)
 
 
