@@ -31,6 +31,10 @@ def _fraction(value: str) -> float:
     return number
 
 
+def _fractions(value: str) -> list[float]:
+    return [_fraction(v.strip()) for v in value.split(",") if v.strip()] or [_fraction(value)]  # "" -> its error
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export", help="write the adapter for another engine (uniform rank, llama.cpp GGUF) or a smaller budget",
@@ -50,7 +54,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base", metavar="MODEL",
                    help="gguf: the base model's folder (config.json) or .gguf file (default: the run's model)")
     p.add_argument("--curve", action="store_true",
-                   help="print, for a range of budgets, the share of the adapter's update each keeps (writes nothing)")
+                   help="on an `l1ra train` folder: score the adapter truncated to a few budgets on the run's held-out "
+                   "set, print the table and write budget_curve.json/.png into the run; on a bare adapter folder: "
+                   "print the share of the update each budget keeps (writes nothing)")
+    p.add_argument("--max-eval", type=_positive_int, metavar="N",
+                   help="--curve: score only the first N held-out examples (faster)")
+    p.add_argument("--curve-fractions", type=_fractions, metavar="F,F,...",
+                   help="--curve: the budgets as fractions of the total rank (default: 1,0.75,0.5,0.25,0.1)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=cmd_export)
@@ -61,7 +71,10 @@ def cmd_export(args) -> int:
     from ..export import ExportError, export_adapter, read_adapter, resolve_source
 
     if args.curve:
-        return print_curve(args.src)
+        return curve(args)
+    for flag in ("max_eval", "curve_fractions"):
+        if getattr(args, flag) is not None:
+            raise ExportError(f"--{flag.replace('_', '-')} is for --curve; drop it or add --curve")
     if args.out is None:
         raise ExportError("--out is required: the folder (or .gguf file) to write")
     if args.rank is not None and args.format == "peft":
@@ -85,12 +98,39 @@ def cmd_export(args) -> int:
     return 0
 
 
-def print_curve(src) -> int:
+def curve(args) -> int:
+    from ..export import ExportError
+    from .budget_curve import CURVE_JSON, CURVE_PNG, budget_curve_run, format_table, run_folder
+
+    if args.out is not None or args.format != "peft" or args.rank is not None or args.base is not None:
+        raise ExportError("--curve writes no adapter; drop --out/--format/--rank/--base")
+    run = run_folder(args.src)
+    if run is None:
+        if args.max_eval is not None or args.budget is not None or args.fraction is not None:
+            raise ExportError(f"{args.src}: not an `l1ra train` output folder, so there is no held-out set to score; "
+                              "drop --max-eval/--budget/--fraction")
+        print("not an `l1ra train` output folder: no held-out set to score, so this shows the share of the "
+              "update's energy each budget keeps (sum of kept sigma^2 / sum of sigma^2), not a held-out loss")
+        return print_curve(args.src, args.curve_fractions)
+    budgets = [args.budget] if args.budget is not None else None
+    fractions = [args.fraction] if args.fraction is not None else args.curve_fractions
+    result = budget_curve_run(run, fractions=fractions, budgets=budgets, max_eval=args.max_eval)
+    print(f"{run}: {result['modules']} modules, total rank {result['total_rank']}, "
+          f"{result['eval_examples']} held-out examples ({result['device']})")
+    print(format_table(result))
+    print(f"written: {run / CURVE_JSON}, {run / CURVE_PNG}")
+    return 0
+
+
+def print_curve(src, fractions=None) -> int:
     from ..export import budget_curve, read_adapter, resolve_source
 
     adapter = read_adapter(resolve_source(src)[0])
     n, total = len(adapter.modules), sum(adapter.ranks.values())
-    budgets = sorted({n, *(max(n, round(f * total)) for f in (0.1, 0.25, 0.5, 0.75)), total})
+    if fractions:
+        budgets = sorted({max(n, round(f * total)) for f in fractions})
+    else:
+        budgets = sorted({n, *(max(n, round(f * total)) for f in (0.1, 0.25, 0.5, 0.75)), total})
     print(f"{src}: {n} modules, total rank {total}")
     print("budget  kept share of the update  largest module rank")
     for row in budget_curve(adapter, budgets):
