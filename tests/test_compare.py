@@ -340,7 +340,9 @@ def test_isolated_run_in_its_own_process(tmp_path):
 
 
 def test_two_jobs_run_side_by_side(tmp_path):
-    specs = [spec("lora", steps=40), spec("l1ra", steps=40)]
+    # Long enough (seconds of training each) that the jitter of two process start-ups (~1 s) cannot separate them:
+    # with 40 steps the trainings took ~0.4 s and a fresh-clone run once missed the overlap by 5 ms.
+    specs = [spec("lora", steps=400), spec("l1ra", steps=400)]
     results = compare.run_compare(specs, tmp_path, isolate=True, jobs=2, log=lambda m: None)
     (a0, a1), (b0, b1) = (r["train_interval"] for r in results["runs"])
     assert a0 < b1 and b0 < a1, "the two runs' training overlapped in time"
