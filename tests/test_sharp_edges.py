@@ -11,6 +11,7 @@ import l1ra
 from l1ra import L1RAConfig
 
 from conftest import make_batch, make_model
+from test_cli import TRAIN_FLAGS, qa_jsonl, tiny_llm  # noqa: F401 -- fixtures: a tiny Llama and a tiny QA dataset
 from test_core import build, kill_gates, logits, train_steps
 
 
@@ -435,3 +436,70 @@ def test_a_4bit_base_trains_reallocates_saves_and_loads_in_plain_peft(tmp_path):
     assert all(layer.get_delta_weight("default").abs().sum() > 0 for _, layer in model.l1ra_state.layers)
     model.merge_adapter()
     assert (logits(model, batch) - expected).abs().max() < 0.2
+
+
+def test_l1ra_train_load_in_4bit_trains_a_4bit_base_and_merges_into_the_full_precision_one(tiny_llm, qa_jsonl, tmp_path):
+    """`l1ra train --load-in-4bit`: TRL's SFTTrainer casts a quantized model's trainable parameters to bf16; the run
+    must keep the gates fp32 (l1ra refuses bf16 gates), move rank, and `l1ra merge` must merge the adapter into the
+    full-precision base (merging into 4-bit weights would re-quantize them)."""
+    pytest.importorskip("bitsandbytes")
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from l1ra.app.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(tiny_llm), "--dataset", str(qa_jsonl), "--output-dir", str(out),
+               "--load-in-4bit", "--l1ra-lambda", "60", *TRAIN_FLAGS])
+    assert rc == 0
+    run_config = json.loads((out / "train_config.json").read_text())
+    assert run_config["options"]["load_in_4bit"] and run_config["data"]["device"].endswith("4-bit NF4 base")
+    history = json.loads((out / "rank_history.json").read_text())
+    assert history["moved"] > 0
+    assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float32),
+                                         str(out / "adapter")).merge_and_unload()
+    for (name, got), (_, want) in zip(merged.state_dict().items(), expected.state_dict().items()):
+        assert got.dtype == torch.float32 and torch.equal(got, want), name
+
+
+def test_load_in_4bit_without_bitsandbytes_names_the_extra(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['bitsandbytes'] = None\n"
+            "from l1ra.app.cli import main\n"
+            f"sys.exit(main(['train', '--load-in-4bit', '--output-dir', {str(tmp_path / 'o')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--load-in-4bit needs bitsandbytes" in proc.stderr and "pip install 'l1ra[quant]'" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_trl_sfttrainer_on_a_4bit_base_keeps_the_gates_fp32(tiny_llm, tmp_path):
+    """A user's own QLoRA loop: TRL's SFTTrainer casts a quantized model's trainable parameters to bf16; the
+    callback casts the gates back at train begin (the LoRA factors stay as TRL chose), so the L1 steps are exact."""
+    pytest.importorskip("bitsandbytes")
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llm)
+    model = l1ra.get_l1ra_model(_nf4_base(tiny_llm), L1RAConfig(r=4, target_modules="all-linear",
+                                                                 task_type="CAUSAL_LM", update_every=2,
+                                                                 l1ra_lambda=60.0))
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" {2 * i}."} for i in range(16)]
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+                     report_to=[], logging_steps=1, save_strategy="no", use_cpu=True, bf16=False,
+                     **{("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+                         else "gradient_checkpointing"): False})
+    callback = l1ra.L1RACallback()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
+                         optimizers=(l1ra.create_optimizer(model, lr=1e-3), None), callbacks=[callback])
+    assert {g.dtype for g in l1ra.gates(model).values()} == {torch.bfloat16}  # what TRL did
+    trainer.train()  # refused "the L1RA gates are torch.bfloat16" before the callback cast them back
+    assert {g.dtype for g in l1ra.gates(model).values()} == {torch.float32}
+    assert sum(e.moved for e in callback.events) > 0  # the L1 pruned ranks and they were handed on

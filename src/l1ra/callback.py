@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from transformers import TrainerCallback
 
 from . import distributed
@@ -30,6 +31,7 @@ class L1RACallback(TrainerCallback):
         # On resume, load_adapter replaced parameters whose ranks moved after the optimizer was built.
         adopt_loaded_params(peft_model, optimizer)
         opt = unwrap_optimizer(optimizer)
+        restore_fp32_gates(peft_model, opt)
         live = list(gates(peft_model).values())
         gate_learning_rates(
             peft_model, opt, fix="pass optimizers=(l1ra.create_optimizer(model, lr=args.learning_rate), None) to the Trainer"
@@ -52,3 +54,21 @@ class L1RACallback(TrainerCallback):
         event = after_optimizer_step(model, optimizer, step=state.global_step + 1)
         if event is not None:
             self.events.append(event)
+
+
+def restore_fp32_gates(peft_model, optimizer) -> None:
+    """TRL's SFTTrainer casts every trainable parameter of a quantized model to bf16 (QLoRA's recommendation for the
+    LoRA factors). The gates must stay fp32, or the L1's small proximal steps round away: cast them back, with any
+    optimizer state already loaded for them. Elsewhere a cast gate is still refused (see `check_gate_dtype`)."""
+    base = peft_model.get_base_model()
+    if not (getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None):
+        return
+    for gate in gates(peft_model).values():
+        if gate.dtype == torch.float32:
+            continue
+        gate.data = gate.data.float()
+        state = optimizer.state.get(gate, {}) if optimizer is not None else {}
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point() and key != "step":
+                state[key] = value.float()
+

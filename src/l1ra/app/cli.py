@@ -178,6 +178,10 @@ def cmd_train(args) -> int:
     opts = TrainOptions(**values)
     # before anything heavy: a missing logger package or an unreadable GGUF model fails now
     report_to_list(opts.report_to)
+    if opts.load_in_4bit:
+        from .extras import require
+
+        require(["bitsandbytes"], "quant", "--load-in-4bit")
     from .assets import check_model_spec
 
     check_model_spec(opts.model)

@@ -18,6 +18,7 @@ EXTRAS: dict[str, dict[str, str]] = {
               "sentencepiece": "sentencepiece", "trl": "trl"},
     "tensorboard": {"tensorboard": "tensorboard"},
     "gguf": {"gguf": "gguf"},
+    "quant": {"bitsandbytes": "bitsandbytes"},
 }
 
 # command -> (extra, the modules of it the command needs); commands not listed need only the base install.

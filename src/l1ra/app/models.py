@@ -38,17 +38,43 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_model(path: str, task: str):
+def load_model(path: str, task: str, load_in_4bit: bool = False, plan=None):
+    """The base model in float32 (the Trainer's autocast gives the plan's precision), or with `load_in_4bit` its
+    linear layers in 4-bit NF4 on the plan's device (QLoRA: bitsandbytes quantizes while loading, so the model is
+    placed here; the Trainer leaves a quantized model where it is)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     kwargs = {"num_labels": 2} if task == "classification" else {}
+    if load_in_4bit:
+        kwargs.update(quantization_config=nf4_config(plan), device_map={"": quantized_device(plan)})
     try:
         return cls.from_pretrained(path, dtype=torch.float32, **kwargs)
     except Exception as err:
-        raise RunError(f"--model {path}: cannot load it as a {'classifier' if task == 'classification' else 'causal LM'} "
-                       f"({_first_line(err)})") from None
+        raise RunError(f"--model {path}: cannot load it as a {'classifier' if task == 'classification' else 'causal LM'}"
+                       f"{' in 4 bits' if load_in_4bit else ''} ({_first_line(err)})") from None
+
+
+def nf4_config(plan):
+    """QLoRA's quantization: NF4 with double quantization, computing in the plan's mixed precision."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if plan.bf16 else torch.float16 if plan.fp16 else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def quantized_device(plan) -> str:
+    """The device a 4-bit model is loaded onto: this process's GPU under torchrun/accelerate, else the plan's."""
+    if plan.device == "mps":
+        raise RunError("--load-in-4bit: bitsandbytes does not quantize on Apple MPS; train without it, or on CUDA/CPU")
+    if plan.device == "cuda":
+        from accelerate import PartialState
+
+        return str(PartialState().device)  # cuda:<local rank>
+    return "cpu"
 
 
 def _first_line(err: BaseException) -> str:

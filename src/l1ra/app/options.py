@@ -40,6 +40,7 @@ class TrainOptions:
     update_every: Optional[float] = field(default=None, metadata={"help": "reallocate ranks every this fraction of the steps (<1) or every this many steps (>=1) (default: 0.1)"})
     l1_start: Optional[float] = field(default=None, metadata={"help": "start the L1 penalty after this fraction of the steps (<1) or this many steps (>=1) (default: 0, from the first step)"})
     seed: int = field(default=0, metadata={"help": "seed of the adapter init, data order and a user dataset's held-out split (default: 0; GSM8K's split is fixed)"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "load the base model in 4-bit NF4 (QLoRA; needs bitsandbytes: pip install 'l1ra[quant]'); the adapter and l1ra merge stay full precision"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "mixed precision (default: on for the shipped LLM on CUDA -- bf16, else fp16 -- and on CPUs with native bf16; off otherwise)"})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "evaluate on the held-out set every N steps (default: at half time and at the end)"})
     save_steps: Optional[int] = field(default=None, metadata={"help": "write a resumable checkpoint every N steps (default: every quarter of the run)"})

@@ -221,7 +221,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
         train_rows, held_rows, data_info = prepare_sentiment_data(opts, tokenizer)
     else:
         train_rows, held_rows, data_info = prepare_llm_data(opts, tokenizer, log)
-    model = load_model(model_path, task)
+    model = load_model(model_path, task, load_in_4bit=opts.load_in_4bit, plan=plan)
 
     import l1ra
 
@@ -280,7 +280,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
             log(f"l1ra: skipped {sum(dropped)} rows left without a loss token by --max-length {opts.max_length}")
         data_info.update(train_examples=len(trainer.train_dataset), eval_examples=len(trainer.eval_dataset),
                          padding_free=trainer.data_collator.padding_free, sparse_lm_head=trainer.sparse_head)
-    data_info["device"] = plan.describe()
+    data_info["device"] = plan.describe() + (", 4-bit NF4 base" if opts.load_in_4bit else "")
 
     run_config = {"options": dataclasses.asdict(opts), "model_path": model_path, "task": task, "max_steps": max_steps,
                   "data": data_info, "l1ra_config": {k: v for k, v in config.l1ra_dict().items() if k != "total_steps"},
@@ -291,7 +291,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     log(f"l1ra: {shown} | {data_info['dataset']} "
         f"({data_info['format']}, {data_info['train_examples']} train / {data_info['eval_examples']} held out) | "
         f"{len(model.l1ra_state.layers)} adapters, budget {budget} ranks, {trainable:,} trainable parameters | "
-        f"{max_steps} steps of {opts.batch_size}x{opts.grad_accum} on {plan.describe()}")
+        f"{max_steps} steps of {opts.batch_size}x{opts.grad_accum} on {data_info['device']}")
 
     recorder = Recorder(out, task, previous, run_config, budget, trainable)
     progress_cb.recorder = recorder

@@ -178,7 +178,15 @@ class LMTrainer(_HeldOut, SFTTrainer):
     task = "causal-lm"
 
     def __init__(self, *args, sparse_head: Optional[bool] = None, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
         super().__init__(*args, **kwargs)
+        # SFTTrainer casts every trainable parameter of a quantized model to bf16 (QLoRA's recommendation). Undo it:
+        # bf16 gates lose the L1's small proximal steps (l1ra refuses them), and fp32 adapters under the plan's
+        # autocast are PEFT's own default for k-bit bases.
+        for name, p in self.model.named_parameters():
+            if name in dtypes and p.dtype != dtypes[name]:
+                p.data = p.data.to(dtypes[name])
         self._setup_heldout()
         base = _base_model(self.model)
         self.sparse_head = _accepts(base, "logits_to_keep") if sparse_head is None else sparse_head
