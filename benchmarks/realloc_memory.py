@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ import sys
 def one(method: str, autocast: bool, steps: int) -> dict:
     import torch
 
-    from l1ra.app.compare_run import RunSpec, lr_lambda, rss_mb, train_step, wrap_model
+    from l1ra.app.compare_run import RunSpec, lr_lambda, peak_rss_mb, rss_mb, train_step, wrap_model
     from l1ra.app.compare_tasks import build_task
 
     torch.set_num_threads(1)
@@ -40,10 +39,10 @@ def one(method: str, autocast: bool, steps: int) -> dict:
             rss.append(round(rss_mb()))
             # A partial line every 10 steps, so a run cut short by a time limit still reports (the last line counts).
             print(json.dumps({"method": method, "autocast": autocast, "steps_done": step, "rss_every_10_steps_mib": rss,
-                              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}), flush=True)
+                              "peak_rss_mib": round(peak_rss_mb())}), flush=True)
     moved = sum(sum(e.added.values()) for e in pm.l1ra_state.history.events) if method == "l1ra" else 0
     return {"method": method, "autocast": autocast, "rss_every_10_steps_mib": rss, "ranks_moved": moved,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "peak_rss_mib": round(peak_rss_mb())}
 
 
 def main() -> None:
