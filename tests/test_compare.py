@@ -128,7 +128,7 @@ def test_rows_are_the_settings_they_claim():
     lib = specs["l1ra"]
     assert (lib.l1ra_lambda, lib.eta_c, lib.l1_start, lib.reassign, lib.budget_unit) == (None, None, None, True, "rank")
     tuned = specs["l1ra_tuned"]
-    assert (tuned.l1ra_lambda, tuned.eta_c, tuned.l1_start) == (0.2, 0.1, 0.25)
+    assert (tuned.l1ra_lambda, tuned.eta_c, tuned.l1_start) == (0.1, 0.1, 0.25)
     assert specs["l1ra_nol1"].l1ra_lambda == 0.0 and specs["l1ra_nol1"].eta_c == 0.1
     assert specs["l1ra_prune"].reassign is False and specs["l1ra_params"].budget_unit == "params"
     assert (specs["adalora"].adalora_orth_reg_weight, specs["adalora"].adalora_delta_t) == (0.5, 1)
