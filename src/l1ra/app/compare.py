@@ -63,7 +63,7 @@ METHODS = {
     "from 10% to 80% of the steps",
     "l1ra": "L1RA at the library's defaults (the paper's method: lambda 0.1, eta_c 2e-2, L1 from step 1)",
     "l1ra_tuned": "L1RA at the short-run setting (lambda 0.1, eta_c 0.1, L1 from 25% of the steps; flags override)",
-    "l1ra_nol1": "l1ra_tuned with lambda 0: the gates without L1 (no rank moves)",
+    "l1ra_nol1": "l1ra_tuned with lambda 0: the gates without L1 (ranks still move where a gate's own gradient takes it to 0)",
     "l1ra_prune": "l1ra_tuned with reassign=False: prune only (SoRA-like)",
     "l1ra_params": "l1ra_tuned with budget_unit='params': the budget counts LoRA parameters, not ranks",
     "dora": "PEFT DoRA (LoraConfig(use_dora=True))",
