@@ -1,6 +1,7 @@
 """Sweep L1RA's own hyperparameters on an `l1ra compare` task, against plain LoRA on the same batches and seeds.
 
-Each configuration is `lambda,eta_c,l1_start` (l1_start: a fraction of the steps, or a step count >= 1). Every run is
+Each configuration is `lambda,eta_c,l1_start[,receiver_signal]` (l1_start: a fraction of the steps, or a step count
+>= 1; receiver_signal: `min_gate`, the default, or `sensitivity`). Every run is
 scored on the dev split carved from the training data (never the reported split: the setting chosen here is what
 `l1ra compare` then reports as l1ra_tuned). Runs go one after another in this process (scores only; `l1ra compare`
 measures time and memory per process):
@@ -26,14 +27,17 @@ from l1ra.app.compare_tasks import build_task
 
 
 def parse_config(text: str) -> dict:
-    lam, eta_c, start = (float(x) for x in text.split(","))
-    return {"l1ra_lambda": lam, "eta_c": eta_c, "l1_start": start}
+    lam, eta_c, start, *signal = text.split(",")
+    cfg = {"l1ra_lambda": float(lam), "eta_c": float(eta_c), "l1_start": float(start)}
+    if signal:  # the receivers' order (L1RAConfig.receiver_signal): min_gate (default) or sensitivity
+        cfg["receiver_signal"] = signal[0]
+    return cfg
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)  # every `l1ra compare` flag (task, steps, seeds, lr, ...)
-    p.add_argument("--configs", nargs="+", type=parse_config, required=True, metavar="LAMBDA,ETA_C,L1_START")
+    p.add_argument("--configs", nargs="+", type=parse_config, required=True, metavar="LAMBDA,ETA_C,L1_START[,SIGNAL]")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA baseline")
     p.add_argument("--json", type=Path, default=None, help="write every run here (rewritten after each run)")
     args = p.parse_args(argv)
@@ -64,6 +68,7 @@ def main(argv=None) -> int:
         record(spec, "lora")
     for cfg in args.configs:
         label = f"l1ra {cfg['l1ra_lambda']:g},{cfg['eta_c']:g},{cfg['l1_start']:g}"
+        label += f",{cfg['receiver_signal']}" if "receiver_signal" in cfg else ""
         if cfg["l1_start"] >= 1:
             cfg["l1_start"] = int(cfg["l1_start"])
         for spec in base_specs:

@@ -154,6 +154,26 @@ def test_head_only_trains_the_classification_head_alone():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 32 * 2 + 2
 
 
+def test_a_field_added_later_keeps_the_hash_of_recorded_runs():
+    """`results.json` skips runs by spec hash: a new RunSpec field at its default must not make every recorded run
+    look new (that would re-run hours of CPU)."""
+    import dataclasses
+    import hashlib
+
+    s = spec("l1ra_tuned", l1ra_lambda=0.1)
+    before_the_field = {k: v for k, v in dataclasses.asdict(s).items() if k != "receiver_signal"}
+    assert compare.spec_hash(s) == hashlib.sha256(json.dumps(before_the_field, sort_keys=True).encode()).hexdigest()[:16]
+    other = dataclasses.replace(s, receiver_signal="sensitivity")
+    assert compare.spec_hash(other) != compare.spec_hash(s)
+    assert RunSpec(**other.to_dict()) == other and RunSpec(**s.to_dict()) == s
+
+
+def test_the_sensitivity_receivers_reach_the_run(tiny):
+    result = run_one(spec("l1ra", l1ra_lambda=10.0, eta_c=0.05, update_every=3, receiver_signal="sensitivity"), tiny)
+    assert result["l1ra"]["config"]["receiver_signal"] == "sensitivity"
+    assert result["l1ra"]["ranks_added"] > 0
+
+
 def test_every_method_trains_and_reports_every_figure(runs):
     for method, r in runs.items():
         assert r["score_name"] == "loss" and not r["higher_is_better"] and r["split"] == "test"

@@ -48,6 +48,7 @@ def plan_reallocation(
     exclude_pruned: bool = True,
     costs: Optional[Sequence[int]] = None,
     budget: Optional[int] = None,
+    priority: Optional[Sequence[float]] = None,
 ) -> list[AdapterPlan]:
     """Prune weak ranks and hand the freed budget out again.
 
@@ -57,13 +58,16 @@ def plan_reallocation(
     adapter can take a rank.
 
     `costs[i]`: what one rank of adapter i costs (default 1 each: the budget counts ranks; `in + out` counts LoRA
-    parameters). `budget`: the total to spend (default: what the gates cost now, `sum(costs[i] * len(gates[i]))`).
+    parameters). `priority[i]`: replaces the smallest surviving gate as the receivers' order (largest first), e.g. a
+    gradient signal. `budget`: the total to spend (default: what the gates cost now, `sum(costs[i] * len(gates[i]))`).
     Afterwards `sum(costs[i] * plan.rank) <= budget`, and what is left is smaller than one rank of any adapter still
     under `max_rank` (with unit costs nothing is left: the rank total stays exactly at the budget).
     """
     costs = [1] * len(gates) if costs is None else [int(c) for c in costs]
     if len(costs) != len(gates) or any(c < 1 for c in costs):
         raise ValueError(f"costs must give one positive integer per adapter ({len(gates)}), got {costs}")
+    if priority is not None and len(priority) != len(gates):
+        raise ValueError(f"priority must give one number per adapter ({len(gates)}), got {len(priority)}")
     keeps = [prune_mask(g, prune_threshold, min_rank) for g in gates]
     kept = [int(k.sum()) for k in keeps]
     if budget is None:
@@ -71,8 +75,9 @@ def plan_reallocation(
     left = budget - sum(c * k for c, k in zip(costs, kept))
     n_new = [0] * len(gates)
     if reassign and left > 0:
-        min_gate = [float(g.detach().float().clamp(0, 1)[k].min()) for g, k in zip(gates, keeps)]
-        order = sorted(range(len(gates)), key=lambda i: -min_gate[i])  # sorted() is stable: ties by index
+        if priority is None:
+            priority = [float(g.detach().float().clamp(0, 1)[k].min()) for g, k in zip(gates, keeps)]
+        order = sorted(range(len(gates)), key=lambda i: -float(priority[i]))  # sorted() is stable: ties by index
         pruned = {i for i in range(len(gates)) if kept[i] < gates[i].numel()}
         tiers = [[i for i in order if i not in pruned], order] if exclude_pruned else [order]
         cap = max_rank if max_rank is not None else float("inf")

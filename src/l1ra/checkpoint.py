@@ -92,6 +92,10 @@ def state_tensors(peft_model) -> dict[str, torch.Tensor]:
     for name, layer in st.layers:
         out[f"{name}.lora_A"] = layer.lora_A[st.adapter].weight.detach().contiguous()
         out[f"{name}.gate"] = layer.l1ra_gate[st.adapter].detach().contiguous()
+    if st.sensitivity is not None:  # receiver_signal='sensitivity': the sums since the last reallocation
+        sizes = [layer.r[st.adapter] for _, layer in st.layers]
+        for (name, _), part in zip(st.layers, torch.split(st.sensitivity.detach(), sizes)):
+            out[f"{name}.sensitivity"] = part.contiguous()
     return out
 
 
@@ -300,6 +304,12 @@ def load_into(peft_model, directory) -> None:
         st.step = int(meta.get("step", 0))
         st.reallocations = int(meta.get("reallocations", 0))
         st.history = RankHistory.from_json(meta.get("history", []))
+        parts = [raw.get(f"{name}.sensitivity") for name, _ in st.layers]
+        first_gate = st.layers[0][1].l1ra_gate[st.adapter]
+        st.sensitivity = (
+            torch.cat([p.float() for p in parts]).to(first_gate.device)
+            if all(p is not None and p.shape == (ranks[name],) for p, (name, _) in zip(parts, st.layers)) else None
+        )
     return result
 
 

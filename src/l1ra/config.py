@@ -24,6 +24,7 @@ L1RA_FIELDS = (
     "seed",
     "total_steps",
     "budget_unit",
+    "receiver_signal",
 )
 
 
@@ -128,6 +129,15 @@ class L1RAConfig(LoraConfig):
         },
     )
 
+    receiver_signal: str = field(
+        default="min_gate",
+        metadata={
+            "help": "Which adapters receive freed rank first: 'min_gate' (the paper's: the largest smallest gate "
+            "first) or 'sensitivity' (experimental: the largest mean |gate * d loss / d gate| since the last "
+            "reallocation first, read from the gates' gradients in after_optimizer_step)."
+        },
+    )
+
     def __post_init__(self):
         _check_init_lora_weights(self.init_lora_weights)  # before PEFT's checks, which ask for e.g. a loftq_config
         super().__post_init__()
@@ -190,6 +200,8 @@ class L1RAConfig(LoraConfig):
             fail("total_steps", self.total_steps, "use None or an integer >= 1.")
         if self.budget_unit not in ("rank", "params"):
             fail("budget_unit", self.budget_unit, "use 'rank' (the paper's budget) or 'params' (LoRA parameters).")
+        if self.receiver_signal not in ("min_gate", "sensitivity"):
+            fail("receiver_signal", self.receiver_signal, "use 'min_gate' (the paper's order) or 'sensitivity'.")
         if self.use_dora:
             fail("use_dora", self.use_dora, "L1RA gates LoRA's rank; DoRA's magnitude term is not gated. Set use_dora=False.")
         if getattr(self, "target_parameters", None):

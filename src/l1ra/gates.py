@@ -12,6 +12,8 @@ would cost a little on every step for nothing.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -101,3 +103,19 @@ def shrink_gates_(gates: list[torch.Tensor], taus: list[float]) -> None:
             torch._foreach_add_(group, -tau)
         torch._foreach_clamp_min_(group, 0.0)
         torch._foreach_clamp_max_(group, 1.0)
+
+
+@torch.no_grad()
+def gate_sensitivity(gates: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`|c * dL/dc|` for every rank of every gate, one flat fp32 vector on the first gate's device (the first-order
+    change of the loss if that rank were removed). Zeros where a gate has no gradient; None if none has one."""
+    grads = [g.grad for g in gates]
+    if all(grad is None for grad in grads):
+        return None
+    device = gates[0].device
+    parts = [
+        (g.detach().float() * grad.float()).abs_().to(device) if grad is not None
+        else torch.zeros(g.numel(), device=device)
+        for g, grad in zip(gates, grads)
+    ]
+    return torch.cat(parts)

@@ -16,7 +16,7 @@ from . import distributed
 from .allocator import is_reallocation_step, plan_reallocation
 from .checkpoint import load_into, read_config, save_l1ra
 from .config import L1RAConfig
-from .gates import attach_gate, shrink_gates_
+from .gates import attach_gate, gate_sensitivity, shrink_gates_
 from .history import RankHistory, ReallocationEvent
 from .optim import group_lr_of, param_groups, remap_optimizer, unwrap_optimizer
 from .resize import new_lora_A_rows, resize_adapter
@@ -287,12 +287,36 @@ def after_optimizer_step(
     if optimizer_step_skipped is None:
         optimizer_step_skipped = bool(getattr(optimizer, "step_was_skipped", False))
     step = int(step) if step is not None else st.step + 1
-    if not optimizer_step_skipped:  # before l1_start: only the projection to [0, 1]
-        apply_l1_(peft_model, optimizer, None if step > l1_start else 0.0)
+    if not optimizer_step_skipped:
+        if st.config.receiver_signal == "sensitivity":
+            accumulate_sensitivity_(peft_model)  # reads the gradients before the L1 step moves the gates
+        apply_l1_(peft_model, optimizer, None if step > l1_start else 0.0)  # before l1_start: only the projection
     st.step = step
     if is_reallocation_step(st.step, interval, st.total_steps):
         return reallocate(model, optimizer)
     return None
+
+
+def accumulate_sensitivity_(peft_model) -> None:
+    """Add this step's `|gate * grad|` to the per-rank sums that order the receivers (receiver_signal='sensitivity').
+    DDP has averaged the gradients already, so every process adds the same numbers."""
+    st = peft_model.l1ra_state
+    step_sensitivity = gate_sensitivity(list(st.gates().values()))
+    if step_sensitivity is None:
+        raise ValueError(
+            "L1RAConfig.receiver_signal='sensitivity' reads the gates' gradients, but none has one: call "
+            "l1ra.after_optimizer_step after optimizer.step() and before optimizer.zero_grad()."
+        )
+    st.sensitivity = step_sensitivity if st.sensitivity is None else st.sensitivity.add_(step_sensitivity)
+
+
+def receiver_priority(st, gate_values: list[torch.Tensor]) -> Optional[list[float]]:
+    """Per-adapter mean sensitivity since the last reallocation (None: the allocator's default order)."""
+    sizes = [g.numel() for g in gate_values]
+    if st.config.receiver_signal != "sensitivity" or st.sensitivity is None or st.sensitivity.numel() != sum(sizes):
+        return None
+    per_adapter = torch.split(st.sensitivity.float().cpu(), sizes)
+    return [float(s.mean()) for s in per_adapter]
 
 
 def _generator(seed: int, count: int) -> torch.Generator:
@@ -324,6 +348,7 @@ def reallocate(model: nn.Module, optimizer=None) -> ReallocationEvent:
         max_rank=cfg.max_rank,
         reassign=cfg.reassign,
         exclude_pruned=cfg.exclude_pruned,
+        priority=receiver_priority(st, gate_values),
         # a parameter budget carries what a round could not spend over to the next round
         **(dict(costs=rank_costs(st.layers, st.adapter, "params"), budget=st.budget)
            if getattr(cfg, "budget_unit", "rank") == "params" else {}),
@@ -344,6 +369,7 @@ def reallocate(model: nn.Module, optimizer=None) -> ReallocationEvent:
     if ddp is not None and changes:
         distributed.rebuild_ddp(ddp)  # the wrapper must reduce the new parameters
     st.reallocations += 1
+    st.sensitivity = None  # the next interval's receivers are judged on that interval's gradients
     sync_lora_config(peft_model)
     event = ReallocationEvent(step=st.step, ranks=rank_pattern(peft_model), pruned=pruned, added=added)
     st.history.record(event)

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import nn
 from peft.tuners.lora import LoraLayer
 
@@ -29,6 +30,8 @@ class L1RAState:
     # Parameters replaced when a checkpoint was loaded (old -> new), for an optimizer built before the load.
     replaced: dict = field(default_factory=dict, repr=False)
     setup_checked: bool = field(default=False, repr=False)
+    # receiver_signal='sensitivity': |gate * grad| per rank (flat, module order), summed since the last reallocation
+    sensitivity: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def total_steps(self) -> Optional[int]:

@@ -93,6 +93,9 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
+HASH_NEUTRAL_DEFAULTS = {"receiver_signal": "min_gate"}
+
+
 @dataclass
 class RunSpec:
     """Everything one run needs; plain values so it can travel to a worker process as JSON, and be hashed."""
@@ -123,6 +126,7 @@ class RunSpec:
     prune_threshold: Optional[float] = None
     reassign: bool = True
     budget_unit: str = "rank"
+    receiver_signal: str = "min_gate"
     # AdaLoRA (fractions of the steps for tinit/tfinal)
     adalora_init_ratio: float = 1.5
     adalora_tinit: float = 0.0
@@ -131,7 +135,12 @@ class RunSpec:
     adalora_orth_reg_weight: float = 0.5
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        # Fields added after results were recorded are left out at their default, so recorded runs keep their hash.
+        for name, default in HASH_NEUTRAL_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
 
 def spec_hash(spec: RunSpec) -> str:

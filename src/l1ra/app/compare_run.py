@@ -221,7 +221,8 @@ def wrap_model(method: str, model: nn.Module, task, spec: RunSpec):
         for k in ("update_every", "l1_start"):  # >= 1 is a step count
             if k in extra and float(extra[k]).is_integer() and extra[k] >= 1:
                 extra[k] = int(extra[k])
-        cfg = L1RAConfig(**common, reassign=spec.reassign, budget_unit=spec.budget_unit, seed=spec.seed,
+        cfg = L1RAConfig(**common, reassign=spec.reassign, budget_unit=spec.budget_unit,
+                         receiver_signal=spec.receiver_signal, seed=spec.seed,
                          total_steps=spec.steps, **extra)
         pm = l1ra_model.get_l1ra_model(model, cfg)
         opt = l1ra_model.create_optimizer(pm, lr=spec.lr, weight_decay=spec.weight_decay)
