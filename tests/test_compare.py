@@ -15,7 +15,7 @@ from l1ra.history import mean_rank_by_type as by_module_type, module_type
 from l1ra.app.compare_tasks import build_task, carve_dev
 
 STEPS = 10
-TRAINED = ("lora", "adalora", "adalora_paper", "l1ra", "l1ra_tuned", "l1ra_nol1", "l1ra_prune", "l1ra_params", "dora")
+TRAINED = ("lora", "adalora", "adalora_paper", "l1ra", "l1ra_tuned", "l1ra_nol1", "l1ra_gates", "l1ra_prune", "l1ra_params", "dora")
 
 
 def spec(method, seed=0, **kw):
@@ -77,6 +77,14 @@ def test_every_method_beats_the_untrained_model(tuned):
         assert score[method] < score["base"] - 0.5 * gain, (method, score[method], score["base"])
 
 
+def test_the_gates_only_row_never_reallocates(tuned):
+    _, results, _ = tuned
+    (run,) = [r for r in compare.final_runs(results) if r["method"] == "l1ra_gates"]
+    assert run["l1ra"]["config"]["l1ra_lambda"] == 0.0
+    assert (run["l1ra"]["reallocations"], run["l1ra"]["ranks_pruned"], run["l1ra"]["ranks_added"]) == (0, 0, 0)
+    assert run["l1ra"]["gate_quantiles"]["min"] < 1.0, "the gates trained"
+
+
 def test_adalora_at_lora_s_small_lr_stays_near_the_untrained_model(tiny):
     # What the comparison used to do (one lr for all): AdaLoRA's E starts at 0 and A, B ~ N(0, 0.02), so at a small
     # lr its update barely grows. The check above fails for it; tuning gives it a larger lr.
@@ -124,12 +132,14 @@ def test_rows_are_the_settings_they_claim():
     plan = compare.make_plan(parser().parse_args(["--task", "tiny", "--quick", "--dora"]))
     specs = {s.method: s for s in plan.final_specs({})}
     assert list(specs) == ["base", "lora", "adalora", "adalora_paper", "l1ra", "l1ra_tuned", "l1ra_nol1",
-                           "l1ra_prune", "l1ra_params", "dora"]
+                           "l1ra_gates", "l1ra_prune", "l1ra_params", "dora"]
     lib = specs["l1ra"]
     assert (lib.l1ra_lambda, lib.eta_c, lib.l1_start, lib.reassign, lib.budget_unit) == (None, None, None, True, "rank")
     tuned = specs["l1ra_tuned"]
     assert (tuned.l1ra_lambda, tuned.eta_c, tuned.l1_start) == (0.1, 0.1, 0.25)
     assert specs["l1ra_nol1"].l1ra_lambda == 0.0 and specs["l1ra_nol1"].eta_c == 0.1
+    gates_only = specs["l1ra_gates"]
+    assert (gates_only.l1ra_lambda, gates_only.eta_c, gates_only.update_every) == (0.0, 0.1, 10**9)
     assert specs["l1ra_prune"].reassign is False and specs["l1ra_params"].budget_unit == "params"
     assert (specs["adalora"].adalora_orth_reg_weight, specs["adalora"].adalora_delta_t) == (0.5, 1)
     assert (specs["adalora_paper"].adalora_orth_reg_weight, specs["adalora_paper"].adalora_delta_t) == (0.1, 10)

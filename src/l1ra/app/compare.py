@@ -7,8 +7,8 @@ the same rank budget, data order, steps, learning-rate schedule and seeds, measu
 
 Rows (`--methods`): base (untrained adapters), head_only (classification head alone), lora, adalora (PEFT's
 defaults), adalora_paper (AdaLoRA's paper settings for short runs), l1ra (the paper's method at the library
-defaults), l1ra_tuned (the short-run setting), l1ra_nol1 (gates, lambda 0), l1ra_prune (prune only), l1ra_params (a
-budget in LoRA parameters), dora (optional).
+defaults), l1ra_tuned (the short-run setting), l1ra_nol1 (gates, lambda 0), l1ra_gates (gates, lambda 0, no
+reallocation), l1ra_prune (prune only), l1ra_params (a budget in LoRA parameters), dora (optional).
 
 Splits: a dev split is carved from the training data (seeded, the same for every run); `--tune` tries a
 learning-rate grid per method on it and keeps each method's best dev setting; the reported split is scored once per
@@ -64,23 +64,25 @@ METHODS = {
     "l1ra": "L1RA at the library's defaults (the paper's method: lambda 0.1, eta_c 2e-2, L1 from step 1)",
     "l1ra_tuned": "L1RA at the short-run setting (lambda 0.1, eta_c 0.1, L1 from 25% of the steps; flags override)",
     "l1ra_nol1": "l1ra_tuned with lambda 0: the gates without L1 (ranks still move where a gate's own gradient takes it to 0)",
+    "l1ra_gates": "l1ra_tuned with lambda 0 and no reallocation: the gates alone, no rank moves",
     "l1ra_prune": "l1ra_tuned with reassign=False: prune only (SoRA-like)",
     "l1ra_params": "l1ra_tuned with budget_unit='params': the budget counts LoRA parameters, not ranks",
     "dora": "PEFT DoRA (LoraConfig(use_dora=True))",
 }
-L1RA_METHODS = ("l1ra", "l1ra_tuned", "l1ra_nol1", "l1ra_prune", "l1ra_params")
+L1RA_METHODS = ("l1ra", "l1ra_tuned", "l1ra_nol1", "l1ra_gates", "l1ra_prune", "l1ra_params")
 DEFAULT_METHODS = ("base", "head_only", "lora", "adalora", "adalora_paper", "l1ra", "l1ra_tuned", "l1ra_nol1",
-                   "l1ra_prune", "l1ra_params")
+                   "l1ra_gates", "l1ra_prune", "l1ra_params")
 LABELS = {
     "base": "untrained", "head_only": "head only", "lora": "LoRA", "adalora": "AdaLoRA (PEFT defaults)",
     "adalora_paper": "AdaLoRA (paper settings)", "l1ra": "L1RA (library defaults)", "l1ra_tuned": "L1RA (tuned)",
-    "l1ra_nol1": "L1RA gates, no L1", "l1ra_prune": "L1RA prune-only", "l1ra_params": "L1RA, parameter budget",
+    "l1ra_nol1": "L1RA gates, no L1", "l1ra_gates": "L1RA gates, no rank moves", "l1ra_prune": "L1RA prune-only", "l1ra_params": "L1RA, parameter budget",
     "dora": "DoRA",
 }
 # L1RA's short-run setting: the library defaults shrink a gate by at most 2e-3 per step, so no rank moves in a few
 # hundred steps. Chosen on the sentiment dev split (benchmarks/results/sweep_sentiment_dev.json: 500 steps, 2 seeds;
 # lambda 0.1 / 0.2 / 0.4 scored 0.817 / 0.809 / 0.794 against LoRA's 0.822): the weakest L1 that still moves rank.
 TUNED_L1RA = {"l1ra_lambda": 0.1, "eta_c": 0.1, "l1_start": 0.25}
+NO_REALLOCATION = 10**9  # update_every (optimizer steps) for l1ra_gates
 # Per-method fields of a RunSpec: everything else is shared by every row.
 ADALORA_SETTINGS = {
     "adalora": dict(adalora_init_ratio=1.5, adalora_tinit=0.0, adalora_tfinal=0.0, adalora_delta_t=1,
@@ -213,6 +215,8 @@ def method_fields(method: str, l1ra_tuned: dict, update_every, prune_threshold) 
     fields = dict(shared, **l1ra_tuned)
     if method == "l1ra_nol1":
         fields["l1ra_lambda"] = 0.0
+    elif method == "l1ra_gates":  # an interval longer than any run: no reallocation ever fires
+        fields.update(l1ra_lambda=0.0, update_every=NO_REALLOCATION)
     elif method == "l1ra_prune":
         fields["reassign"] = False
     elif method == "l1ra_params":
