@@ -99,12 +99,19 @@ def test_tuning_uses_the_dev_split_and_each_method_gets_its_best_lr(tuned):
     best = results["tuning"]["tiny"]
     assert set(best) == set(plan.methods) - {"base"}
     dev = [r for r in results["runs"] if r["split"] == "dev"]
-    assert len(dev) == len(best) * len(plan.lr_grid) and len(plan.lr_grid) >= 3
+    assert len(plan.lr_grid) >= 3 and plan.tune_extend == 2
     for method, t in best.items():
         scores = {float(k): v for k, v in t["grid"].items()}
         assert t["best_lr"] == min(scores, key=scores.get)  # loss: lower is better
+        assert set(plan.lr_grid) <= set(scores) and len(scores) <= len(plan.lr_grid) + plan.tune_extend
+        grid_only = {lr: scores[lr] for lr in plan.lr_grid}
+        if len(scores) < len(plan.lr_grid) + plan.tune_extend:  # stopped extending: the best is inside what it tried
+            assert compare.beyond_edge(scores, higher_is_better=False) is None, (method, scores)
+        if compare.beyond_edge(grid_only, higher_is_better=False) is not None:
+            assert len(scores) > len(plan.lr_grid), f"{method}: best at the grid's edge, but nothing tried beyond"
         (final,) = [r for r in compare.final_runs(results) if r["method"] == method]
         assert final["split"] == "test" and final["spec"]["lr"] == t["best_lr"]
+    assert len(dev) == sum(len(t["grid"]) for t in best.values())
     assert results["summary"]["tiny"]["splits"] == {
         "train": {"name": "synthetic copy examples minus dev", "size": 48},
         "dev": {"name": "synthetic copy examples carved from train (seed 20260)", "size": 16},
@@ -112,6 +119,18 @@ def test_tuning_uses_the_dev_split_and_each_method_gets_its_best_lr(tuned):
     }
     md = (tuned[2] / "results.md").read_text()
     assert "Tuning on the dev split" in md and "**" in md and "best dev-split lr" in md
+
+
+def test_tuning_looks_beyond_an_edge_of_the_grid():
+    edge = compare.beyond_edge
+    grid = {3e-4: 0.57, 1e-3: 0.58, 3e-3: 0.80}  # AdaLoRA on the sentiment dev split: best at the top
+    assert edge(grid, higher_is_better=True) == 9e-3  # one step of the outermost ratio (x3)
+    assert edge({**grid, 1e-2: 0.81}, higher_is_better=True) == 3.33e-2
+    assert edge({**grid, 1e-2: 0.70}, higher_is_better=True) is None  # inside now
+    assert edge({1e-4: 1.0, 2e-4: 1.1, 5e-4: 1.2}, higher_is_better=False) == 5e-5  # loss: best at the bottom
+    assert edge({1e-3: 0.57, 3e-3: 0.57, 1e-2: 0.50}, higher_is_better=True) is None  # a tie at the bottom: no
+    with pytest.raises(ValueError, match="--tune-extend"):
+        compare.make_plan(parser().parse_args(["--task", "tiny", "--tune", "--tune-extend", "-1"]))
 
 
 def test_dev_split_is_seeded_and_never_trained_on(tiny):

@@ -234,6 +234,7 @@ class Plan:
     lr_grid: list  # empty: no tuning, every method at `common["lr"]`
     common: dict  # RunSpec fields shared by every run
     per_method: dict  # method -> its own RunSpec fields
+    tune_extend: int = 0  # grid steps tried beyond an edge where a method's best lr sits (see `beyond_edge`)
 
     def spec(self, method: str, seed: int, lr: float, split: str) -> RunSpec:
         return RunSpec(method=method, seed=seed, split=split, **dict(self.common, lr=0.0 if method == "base" else lr),
@@ -301,7 +302,10 @@ def make_plan(args) -> Plan:
             fields["adalora_delta_t"] = args.adalora_delta_t
         per_method[m] = fields
     tune_seeds = seeds[: args.tune_seeds]
+    if args.tune_extend < 0:
+        raise ValueError(f"--tune-extend {args.tune_extend}: use 0 or more")
     return Plan(methods=methods, seeds=seeds, tune_seeds=tune_seeds, lr_grid=lr_grid, common=common,
+                tune_extend=args.tune_extend,
                 per_method=per_method)
 
 
@@ -418,6 +422,22 @@ def pick_best(runs: list[dict]) -> dict:
     return out
 
 
+def beyond_edge(scores: dict, higher_is_better: bool) -> Optional[float]:
+    """The next lr to try when the best of `scores` ({lr: dev score}) is at an edge of the lrs tried: one step of the
+    grid's outermost ratio beyond it (3 significant digits); None when the best lies inside. The bottom edge counts
+    only when strictly better than its neighbour (ties go to the smaller lr)."""
+    lrs = sorted(scores)
+    if len(lrs) < 2:
+        return None
+    sign = 1 if higher_is_better else -1
+    best = max(lrs, key=lambda lr: (sign * scores[lr], -lr))
+    if best == lrs[-1]:
+        return float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
+    if best == lrs[0] and sign * scores[lrs[0]] > sign * scores[lrs[1]]:
+        return float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}")
+    return None
+
+
 def run_compare(
     specs_or_plan, output_dir: Path, *, isolate: bool = True, command: str = "", log=print, timing_steps: int = 0,
     jobs: int = 1,
@@ -452,6 +472,17 @@ def run_compare(
         if plan.lr_grid:
             log(f"tuning: lr grid {plan.lr_grid} x {len(plan.methods)} methods on the dev split, seeds {plan.tune_seeds}")
             dev_runs = run_specs(plan.tuning_specs(), results, output_dir, isolate=isolate, jobs=jobs, log=log)
+            for _ in range(plan.tune_extend):  # a best lr at the grid's edge may not be the best: look one step out
+                extra = []
+                for method, b in pick_best(dev_runs).items():
+                    scores = {float(k): v for k, v in b["grid"].items()}
+                    lr = beyond_edge(scores, next(r["higher_is_better"] for r in dev_runs if r["method"] == method))
+                    if lr is not None:
+                        log(f"tuning: {method}'s best lr {b['best_lr']:g} is at an edge of {sorted(scores)}; trying {lr:g}")
+                        extra += [plan.spec(method, seed, lr, "dev") for seed in plan.tune_seeds]
+                if not extra:
+                    break
+                dev_runs += run_specs(extra, results, output_dir, isolate=isolate, jobs=jobs, log=log)
             best = pick_best(dev_runs)
             results["tuning"].setdefault(task, {}).update(best)  # other sittings may have tuned other rows
             lr_by_method = {m: b["best_lr"] for m, b in best.items()}
@@ -889,6 +920,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="first run a learning-rate grid per method on the dev split and use each method's best")
     p.add_argument("--lr-grid", type=parse_lrs, default=None, help="--tune's learning rates, e.g. 3e-4,1e-3,3e-3 "
                    "(default: per task, at least 3)")
+    p.add_argument("--tune-extend", type=int, default=2,
+                   help="--tune: while a method's best lr is at an edge of what it tried, try one grid step beyond, "
+                   "up to this many times per method (default 2; 0: the grid only)")
     p.add_argument("--tune-seeds", type=int, default=1, help="--tune: how many of the seeds (the first) tune (default 1)")
     p.add_argument("--dev-size", type=int, default=None,
                    help="examples carved from the training data as the dev split (seeded; default per task)")
