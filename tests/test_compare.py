@@ -509,3 +509,16 @@ def test_interleaved_step_timing_feeds_the_ratio_column(tmp_path):
     assert len(timing["lora"]["step_times_s"]) == 3 and timing["lora"]["ratio_median"] == 1.0
     assert results["summary"]["tiny"]["methods"]["l1ra"]["step_ratio"][0] == timing["l1ra"]["ratio_median"]
     assert "side by side" in (tmp_path / "results.md").read_text()
+
+
+def test_step_timing_covers_the_rows_of_earlier_sittings(tmp_path):
+    # A second sitting with other rows must not drop the first sitting's rows from the interleaved timing: the table
+    # shows every row, so every row's ratio must come from the same process.
+    compare.run_compare([spec(m, steps=3) for m in ("lora", "l1ra")], tmp_path, isolate=False, timing_steps=2,
+                        log=lambda m: None)
+    results = compare.run_compare([spec(m, steps=3) for m in ("lora", "l1ra_nol1")], tmp_path, isolate=False,
+                                  timing_steps=2, log=lambda m: None)
+    timing = results["step_timing"]["tiny"]
+    assert timing["methods"].keys() == {"lora", "l1ra", "l1ra_nol1"} and list(timing["methods"])[0] == "lora"
+    for method in ("l1ra", "l1ra_nol1"):
+        assert results["summary"]["tiny"]["methods"][method]["step_ratio_source"] == "interleaved"

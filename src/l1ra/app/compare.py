@@ -494,13 +494,12 @@ def run_compare(
     # every sitting adds its rows (a row's latest setting wins, see `final_runs`)
     previous = results["final"].get(task, [])
     results["final"][task] = previous + [r["spec_hash"] for r in final_runs if r["spec_hash"] not in previous]
-    trained = [s for s in specs if s.method != "base"]
-    if timing_steps and trained:
-        # Step time, second measurement: every method in one process, one step each in turn.
-        seed = trained[0].seed
-        methods = ["lora"] + [m for m in dict.fromkeys(s.method for s in trained) if m != "lora"]
-        by_method = {s.method: s for s in trained if s.seed == seed}
-        tspecs = [dataclasses.replace(by_method[m], steps=timing_steps + 1) for m in methods if m in by_method]
+    if timing_steps and any(s.method != "base" for s in specs):
+        # Step time, second measurement: every row of the table (this sitting's and earlier ones') in one process,
+        # one step each in turn, so all its ratios come from one machine state.
+        tspecs = timing_specs(results, task, timing_steps)
+        methods = [s.method for s in tspecs]
+        seed = tspecs[0].seed
         key = hashlib.sha256("".join(spec_hash(s) for s in tspecs).encode()).hexdigest()[:16]
         old = results.get("step_timing", {}).get(task)
         if old and old.get("key") == key:
@@ -524,6 +523,18 @@ def run_compare(
     results["sittings"][-1]["wall_s"] = time.perf_counter() - t0
     write_reports(results, output_dir, log=log)
     return results
+
+
+def timing_specs(results: dict, task: str, timing_steps: int) -> list[RunSpec]:
+    """The interleaved step timing's specs: one per trained row reported for `task` (LoRA first, then the table's
+    order), at the row's reported setting and its lowest seed, `timing_steps` steps plus one warm-up step."""
+    runs = sorted((r for r in final_runs(results) if r["task"] == task and r["method"] != "base"),
+                  key=lambda r: r["seed"])
+    first = {}
+    for r in runs:
+        first.setdefault(r["method"], r)
+    order = ["lora"] + [m for m in METHODS if m != "lora"]
+    return [dataclasses.replace(RunSpec(**first[m]["spec"]), steps=timing_steps + 1) for m in order if m in first]
 
 
 def _setting(run: dict) -> str:
