@@ -878,22 +878,28 @@ def plot_task(results: dict, task: str, path: Path) -> None:
 
     summ = results["summary"][task]["methods"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
-    for method, s in summ.items():
-        (x, xe), (y, ye) = s["step_ratio"], s["score"]
-        if x != x:  # the untrained row has no step time
-            ax1.axhline(y, color="grey", lw=0.8, ls="--")
-            ax1.annotate(s["label"], (1.0, y), textcoords="offset points", xytext=(6, 4), fontsize=8, color="grey")
-            continue
-        ax1.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=4, label=s["label"])
-        ax1.annotate(s["label"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
-    first = next(iter(summ.values()))
-    ax1.axvline(1.0, color="grey", lw=0.8, ls=":")
-    interleaved = first.get("step_ratio_source") == "interleaved"
-    ax1.set_xlabel("step time / LoRA " + ("(interleaved, median ± half IQR)" if interleaved
-                                          else "(per-seed ratio of medians, mean ± std)"))
-    ax1.set_ylabel(f"{first['score_name']} ({'higher' if first['higher_is_better'] else 'lower'} is better)")
-    ax1.set_title(f"{task}: score vs cost")
-    ax1.legend(fontsize=8, loc="best")
+    # Left: what the comparison is about, each adapter row's paired difference to LoRA with its 95% interval (the
+    # untrained model and the head alone sit tens of points lower and would squash the axis: they are in the table).
+    rows = [(s["label"], s["vs_lora"]) for m, s in summ.items()
+            if s["vs_lora"] and m not in ("base", "head_only")]
+    for i, (label, vs) in enumerate(rows):
+        low, high = vs["ci95"]
+        if low == low:
+            ax1.plot([low, high], [i, i], color="C0", lw=2)
+        ax1.plot(vs["differences"], [i] * len(vs["differences"]), "x", color="grey", ms=4)
+        ax1.plot(vs["mean"], i, "o", color="C0")
+    ax1.set_yticks(range(len(rows)))
+    ax1.set_yticklabels([label for label, _ in rows], fontsize=8)
+    ax1.invert_yaxis()
+    ax1.axvline(0.0, color="grey", lw=0.8, ls=":")
+    lora = summ.get("lora", next(iter(summ.values())))
+    accuracy = lora["score_name"] == "accuracy"
+    floor = TARGETS["accuracy_points"] if accuracy else TARGETS["loss"]
+    ax1.axvline(floor, color="C3", lw=0.8, ls="--", label=f"target: 95% CI low end above {floor:g}")
+    unit = "accuracy points" if accuracy else f"{lora['score_name']}, positive = lower"
+    ax1.set_xlabel(f"vs LoRA, {unit} (paired by seed: mean o, 95% CI line, seeds x)")
+    ax1.set_title(f"{task}: difference to LoRA")
+    ax1.legend(fontsize=8, loc="upper right")
     shown = [m for m in ("lora", "adalora_paper", "adalora", "l1ra_tuned", "l1ra_params", "l1ra") if m in summ][:4]
     types = list(dict.fromkeys(t for m in shown for t in summ[m]["rank_by_type"]))
     width = 0.8 / max(1, len(shown))
