@@ -39,9 +39,18 @@ def main(argv=None) -> int:
     add_arguments(p)  # every `l1ra compare` flag (task, steps, seeds, lr, ...)
     p.add_argument("--configs", nargs="+", type=parse_config, required=True, metavar="LAMBDA,ETA_C,L1_START[,SIGNAL]")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA baseline")
+    p.add_argument(
+        "--new-rank-v", choices=["mean", "zero"], default="mean",
+        help="Adam second moments of new ranks: 'mean' of the surviving ranks (the library's) or 'zero' (what a "
+        "plain remap gives, before the fix; an ablation of that fix)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write every run here (rewritten after each run)")
     args = p.parse_args(argv)
     args.methods = ["lora", "l1ra_tuned"]
+    if args.new_rank_v == "zero":  # the ablation: no state key is treated as a second moment, so all are zero-filled
+        import l1ra.optim
+
+        l1ra.optim.SECOND_MOMENTS = ()
     specs = [dataclasses.replace(s, split="dev") for s in make_plan(args).final_specs({})]
     if specs[0].dev_size <= 0:
         p.error("--dev-size must be > 0: the sweep scores on the dev split")
@@ -56,7 +65,8 @@ def main(argv=None) -> int:
         r = run_one(spec, task)
         l1 = r.get("l1ra", {})
         runs.append({"config": label, "seed": spec.seed, "split": r["split"], "score": r["score"], "ranks_moved": l1.get("ranks_added", 0),
-                     "ranks_pruned": l1.get("ranks_pruned", 0), "wall_s": time.time() - t0})
+                     "ranks_pruned": l1.get("ranks_pruned", 0), "wall_s": time.time() - t0,
+                     "spec_hash": r["spec_hash"], "train_losses": r["train_losses"]})  # losses: paired per-step checks
         print(f"{label:>22} seed {spec.seed}: {task.score_name} {r['score']:.4f}, "
               f"ranks moved {runs[-1]['ranks_moved']}, pruned {runs[-1]['ranks_pruned']} "
               f"({runs[-1]['wall_s']:.0f} s)", flush=True)
@@ -69,6 +79,7 @@ def main(argv=None) -> int:
     for cfg in args.configs:
         label = f"l1ra {cfg['l1ra_lambda']:g},{cfg['eta_c']:g},{cfg['l1_start']:g}"
         label += f",{cfg['receiver_signal']}" if "receiver_signal" in cfg else ""
+        label += ",zero-v" if args.new_rank_v == "zero" else ""
         if cfg["l1_start"] >= 1:
             cfg["l1_start"] = int(cfg["l1_start"])
         for spec in base_specs:
