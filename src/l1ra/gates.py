@@ -93,13 +93,18 @@ def attach_gate(layer: LoraLayer, adapter: str) -> nn.Parameter:
 
 
 @torch.no_grad()
-def shrink_gates_(gates: list[torch.Tensor], taus: list[float]) -> None:
-    """Proximal L1 step for gates in [0, 1]: `c <- clamp(c - tau, 0, 1)` (soft threshold, then the box)."""
+def shrink_gates_(gates: list[torch.Tensor], taus: list[float], kept: Optional[torch.Tensor] = None) -> None:
+    """Proximal L1 step for gates in [0, 1]: `c <- clamp(c - tau, 0, 1)` (soft threshold, then the box).
+
+    `kept`: an optional 0-dim fp32 tensor (1: the optimizer step happened, 0: it was skipped) that multiplies tau on
+    the device, so a step skipped by a GradScaler leaves the gates alone without a host sync."""
     buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for gate, tau in zip(gates, taus):
         buckets[(tau, gate.device, gate.dtype)].append(gate)
-    for (tau, _, _), group in buckets.items():
-        if tau:
+    for (tau, device, _), group in buckets.items():
+        if tau and kept is not None:
+            torch._foreach_add_(group, kept.to(device, non_blocking=device.type != "cpu"), alpha=-tau)
+        elif tau:
             torch._foreach_add_(group, -tau)
         torch._foreach_clamp_min_(group, 0.0)
         torch._foreach_clamp_max_(group, 1.0)

