@@ -99,3 +99,48 @@ def test_explicit_skip_flag_still_wins():
     assert all(torch.equal(a, b) for a, b in zip(_gates(model), before))
     l1ra.after_optimizer_step(model, opt, optimizer_step_skipped=False)
     assert all((a < b).all() for a, b in zip(_gates(model), before))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Item 3: nn.DataParallel replicas (torch.nn.parallel.replicate needs CUDA devices, so the replica is built the same
+# way here: `_replicate_for_data_parallel` copies of every module, whose parameters are differentiable copies)
+
+
+def _replicate(module: nn.Module, to) -> nn.Module:
+    modules = list(module.modules())
+    copies = {m: m._replicate_for_data_parallel() for m in modules}
+    for m in modules:
+        replica = copies[m]
+        for key, child in m._modules.items():
+            replica._modules[key] = None if child is None else copies[child]
+        for key, param in m._parameters.items():
+            setattr(replica, key, None if param is None else to(param))
+        for key, buf in m._buffers.items():
+            replica._buffers[key] = None if buf is None else to(buf)
+    return copies[module]
+
+
+def test_a_replica_on_another_device_runs_the_gate_there():
+    model = _model()
+    name, layer = model.l1ra_state.layers[0]
+    replica = _replicate(layer, lambda t: t.to("meta"))  # "another GPU": any tensor left on the CPU fails there
+    x = torch.randn(3, layer.in_features)
+    out = replica(x.to("meta"))
+    assert out.device.type == "meta" and out.shape == layer(x).shape
+
+
+def test_a_replica_trains_the_original_gate_like_the_model_itself():
+    model = _model()
+    with torch.no_grad():
+        for g in l1ra.gates(model).values():
+            g.uniform_(0.2, 1.0)
+        for _, layer in model.l1ra_state.layers:
+            layer.lora_B["default"].weight.normal_()
+    batch = make_batch("llama")
+    model(**batch).loss.backward()
+    expected = [g.grad.clone() for g in l1ra.gates(model).values()]
+    model.zero_grad(set_to_none=True)
+    replica = _replicate(model, lambda t: t * 1)  # non-leaf copies, as Broadcast makes them
+    replica(**batch).loss.backward()
+    for g, want in zip(l1ra.gates(model).values(), expected):
+        torch.testing.assert_close(g.grad, want)

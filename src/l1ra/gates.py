@@ -25,14 +25,19 @@ _LAYER_REF = "_l1ra_layer"  # back reference from lora_A[a] to its LoraLayer, ke
 
 
 class GateHook:
-    """Forward hook on `lora_A[adapter]`: scale A's output by the gate. Picklable and deep-copyable."""
+    """Forward hook on `lora_A[adapter]`: scale A's output by the gate. Picklable and deep-copyable.
+
+    Replica-safe: `nn.DataParallel` runs copies of the module tree whose `__dict__` is copied, so in a replica on
+    another GPU the back reference still names the original layer, and its gate sits on the first GPU. The gate is
+    therefore brought to the output's device (a no-op on one device); autograd sends its gradient back to the
+    original gate, which is where DataParallel sums the replicas' gradients anyway."""
 
     def __init__(self, adapter: str):
         self.adapter = adapter
 
     def __call__(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         gate = module.__dict__[_LAYER_REF].l1ra_gate[self.adapter]
-        return output * gate.to(output.dtype)
+        return output * gate.to(device=output.device, dtype=output.dtype)
 
 
 class GatedLoraLayer:
