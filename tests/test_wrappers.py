@@ -144,3 +144,52 @@ def test_a_replica_trains_the_original_gate_like_the_model_itself():
     replica(**batch).loss.backward()
     for g, want in zip(l1ra.gates(model).values(), expected):
         torch.testing.assert_close(g.grad, want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Item 1: gates that TRL cast to bf16 are restored when the Trainer is built, before DDP wraps the model (the
+# two-process run is tests/test_distributed.py::test_gates_cast_before_the_trainer_are_restored_before_ddp_wraps_them)
+
+
+def _cast_like_trl(model):
+    from types import SimpleNamespace
+
+    model.get_base_model().hf_quantizer = SimpleNamespace(is_trainable=True, is_qat_trainable=False)
+    for gate in l1ra.gates(model).values():
+        gate.data = gate.data.to(torch.bfloat16)
+
+
+def _trainer(model, callbacks, out):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(out), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    data = [{k: v[0] for k, v in make_batch("llama", batch=1, seed=i).items()} for i in range(4)]
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks,
+                   optimizers=(l1ra.create_optimizer(model, lr=1e-2), None))
+
+
+def test_the_trainer_constructor_restores_fp32_gates(tmp_path):
+    model = _model()
+    _cast_like_trl(model)
+    gate_objects = list(l1ra.gates(model).values())
+    trainer = _trainer(model, [l1ra.L1RACallback()], tmp_path)
+    assert all(g.dtype == torch.float32 for g in l1ra.gates(model).values())
+    assert all(a is b for a, b in zip(l1ra.gates(model).values(), gate_objects))  # same Parameter objects
+    trainer.train()
+
+
+def test_gates_still_cast_at_train_begin_under_several_processes_are_refused():
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    model = _model()
+    _cast_like_trl(model)
+    args = SimpleNamespace(world_size=2, fsdp=None, deepspeed=None)
+    with pytest.raises(ValueError, match=r"bfloat16 at train begin.*callbacks=\[l1ra.L1RACallback\(\)\]"):
+        l1ra.L1RACallback().on_train_begin(args, TrainerState(max_steps=4), TrainerControl(), model=model,
+                                           optimizer=l1ra.create_optimizer(model, lr=1e-2))
+    args.world_size = 1  # one process (a callback added after the constructor): restored, nothing hangs on them yet
+    l1ra.L1RACallback().on_train_begin(args, TrainerState(max_steps=4), TrainerControl(), model=model,
+                                       optimizer=l1ra.create_optimizer(model, lr=1e-2))
+    assert all(g.dtype == torch.float32 for g in l1ra.gates(model).values())
