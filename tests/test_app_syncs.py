@@ -172,3 +172,25 @@ def test_lm_trainer_training_step_makes_no_host_sync(tmp_path, padding_free):
     with no_host_sync(exempt=TRANSFORMERS_MASK):
         loss = trainer.training_step(trainer.model, batch, num_items)
     assert torch.isfinite(loss).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+def test_cuda_lm_loss_and_guard_make_no_sync(tmp_path, padding_free):
+    """torch.cuda.set_sync_debug_mode('error') inside: every real synchronisation raises."""
+    from l1ra.app.trainers import lm_collator, lm_token_losses
+
+    model = _l1ra_llama().cuda().train()
+    batch = {k: v.cuda() if torch.is_tensor(v) else v
+             for k, v in lm_collator(0, padding_free=padding_free)(_lm_examples()).items()}
+    guard = _run_callback(tmp_path, max_steps=10)
+    args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), report_to=[])
+    state, control = TrainerState(max_steps=10), TrainerControl()
+    guard.on_train_begin(args, state, control, model=model)
+    state.global_step = 1
+    with no_host_sync(exempt=TRANSFORMERS_MASK):
+        loss, _, _ = lm_token_losses(model, batch, sparse_head=True)
+        loss.mean().backward()
+        guard.on_step_end(args, state, control, model=model)
+    guard.close()

@@ -193,3 +193,34 @@ def test_gates_still_cast_at_train_begin_under_several_processes_are_refused():
     l1ra.L1RACallback().on_train_begin(args, TrainerState(max_steps=4), TrainerControl(), model=model,
                                        optimizer=l1ra.create_optimizer(model, lr=1e-2))
     assert all(g.dtype == torch.float32 for g in l1ra.gates(model).values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On a CUDA GPU: the same skip detection with CUDA's GradScaler and a fused AdamW, with no host sync
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp16_fused_adamw_skip_is_detected_without_a_sync():
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    Accelerator()
+    model = _model().cuda()
+    opt = AcceleratedOptimizer(l1ra.create_optimizer(model, lr=1e-2, fused=True),
+                               scaler=torch.amp.GradScaler("cuda"))
+    batch = {k: v.cuda() for k, v in make_batch("llama").items()}
+    for overflow in (False, True, False):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(**batch).loss
+        opt.scaler.scale(loss).backward()
+        if overflow:
+            next(iter(l1ra.gates(model).values())).grad[0] = float("inf")
+        before = _gates(model)
+        opt.step()
+        with no_host_sync():
+            l1ra.after_optimizer_step(model, opt)
+        moved = max((a - b).abs().max().item() for a, b in zip(_gates(model), before))
+        assert (moved == 0) == overflow
+        assert torch.isfinite(model.l1ra_state.sensitivity).all()
+        opt.zero_grad()
