@@ -130,6 +130,30 @@ class StopAfter:
                 time.sleep(1)
 
 
+def _fake_quantized_cast(model, out: Path):
+    """What TRL's SFTTrainer does to a 4-bit base before the Trainer exists: every trainable parameter (the gates
+    too) cast to bf16. The base is marked quantized the way transformers marks it (`hf_quantizer`), so L1RA restores
+    the gates; no bitsandbytes kernel runs. Returns a X."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerCallback
+
+    model.get_base_model().hf_quantizer = SimpleNamespace(is_trainable=True, is_qat_trainable=False)
+    for gate in l1ra.gates(model).values():
+        gate.data = gate.data.to(torch.bfloat16)
+    rank = int(os.environ.get("RANK", "0"))
+
+    class RecordGateGrads(TrainerCallback):
+        def on_pre_optimizer_step(self, a, state, control, **kw):
+            if state.global_step == 1:  # the second step: B is still zero at the first, and so are these
+                grads = {n: g.grad.detach().clone() for n, g in l1ra.gates(model).items()}
+                from safetensors.torch import save_file
+
+                save_file(grads, str(out / f"gate-grads-rank{rank}.safetensors"))
+
+    return RecordGateGrads()
+
+
 def run_trainer(args) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -146,6 +170,8 @@ def run_trainer(args) -> None:
         save_only_model=False,
     )
     callbacks = [l1ra.L1RACallback()]
+    if args.quantized_cast:
+        callbacks.append(_fake_quantized_cast(model, out))
     if args.stop_after:
         stop = StopAfter(args.stop_after, out / "stopped")
 
@@ -170,6 +196,7 @@ def run_trainer(args) -> None:
         "optimizer_holds_model_params": opt_ids == model_ids,
         "ddp_wrapper_found": l1ra_dist._WRAPPERS.get(model) is not None,
         "world_size": trainer.args.world_size,
+        "gate_dtypes": sorted({str(g.dtype) for g in l1ra.gates(model).values()}),
     }
     write_result(out, model, rank, extra)
 
@@ -186,6 +213,7 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--stop-after", type=int, default=0)
+    parser.add_argument("--quantized-cast", action="store_true")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     run_plain(args) if args.mode == "plain" else run_trainer(args)

@@ -252,3 +252,23 @@ def test_fsdp2_fully_shard_refused(gloo_group):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with pytest.raises(l1ra_dist.DistributedSetupError, match="FSDP"):
         l1ra.reallocate(model, opt)
+
+
+def test_gates_cast_before_the_trainer_are_restored_before_ddp_wraps_them(tmp_path):
+    """TRL casts a quantized model's trainable parameters (the gates too) to bf16 before the Trainer exists; L1RA must
+    restore them to fp32 before the Trainer wraps the model in DDP, whose gradient hooks hang on each parameter's
+    gradient accumulator (a later `gate.data = ...` drops them, and the gates' gradients stay local)."""
+    out = tmp_path / "cast"
+    _run([
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(WORKER), "trainer", "--out", str(out), "--steps", "2", "--batch", "2", "--quantized-cast",
+    ])
+    grads = [load_file(str(out / f"gate-grads-rank{r}.safetensors")) for r in range(2)]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), f"gate gradient of {name} differs between processes"
+    results = _results(out, 2)
+    _assert_identical_across_ranks(results)
+    assert all(info["gate_dtypes"] == ["torch.float32"] for info, _ in results)

@@ -24,6 +24,13 @@ class L1RACallback(TrainerCallback):
     def __init__(self):
         self.events = []
 
+    def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # Fired at the end of Trainer.__init__: after TRL's SFTTrainer cast a quantized model's trainable parameters
+        # (the gates too) to bf16, and before train() wraps the model in DDP. Casting back here keeps DDP's gradient
+        # hooks, which hang on each parameter's gradient accumulator (a later `gate.data = ...` drops them).
+        if model is not None:
+            restore_fp32_gates(find_l1ra_model(model), unwrap_optimizer(optimizer) if optimizer is not None else None)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         distributed.check_not_sharded(model, optimizer, args)  # FSDP / DeepSpeed: refuse before anything else
         peft_model = find_l1ra_model(model)
@@ -31,7 +38,17 @@ class L1RACallback(TrainerCallback):
         # On resume, load_adapter replaced parameters whose ranks moved after the optimizer was built.
         adopt_loaded_params(peft_model, optimizer)
         opt = unwrap_optimizer(optimizer)
-        restore_fp32_gates(peft_model, opt)
+        cast = sorted({str(g.dtype) for g in gates(peft_model).values() if g.dtype != torch.float32})
+        if cast and is_quantized(peft_model) and args.world_size > 1:
+            raise ValueError(
+                f"l1ra: the L1RA gates are {', '.join(cast)} at train begin, and the Trainer has already wrapped the "
+                f"model for its {args.world_size} processes: casting them back to float32 now would stop DDP from "
+                "averaging their gradients. Pass the callback to the Trainer's constructor "
+                "(Trainer(..., callbacks=[l1ra.L1RACallback()])), which restores them before the model is wrapped, "
+                "or cast them back yourself before trainer.train(): "
+                "for g in l1ra.gates(model).values(): g.data = g.data.float()"
+            )
+        restore_fp32_gates(peft_model, opt)  # one process: nothing hangs on the gates yet (callback added late)
         live = list(gates(peft_model).values())
         gate_learning_rates(
             peft_model, opt, fix="pass optimizers=(l1ra.create_optimizer(model, lr=args.learning_rate), None) to the Trainer"
@@ -60,8 +77,7 @@ def restore_fp32_gates(peft_model, optimizer) -> None:
     """TRL's SFTTrainer casts every trainable parameter of a quantized model to bf16 (QLoRA's recommendation for the
     LoRA factors). The gates must stay fp32, or the L1's small proximal steps round away: cast them back, with any
     optimizer state already loaded for them. Elsewhere a cast gate is still refused (see `check_gate_dtype`)."""
-    base = peft_model.get_base_model()
-    if not (getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None):
+    if not is_quantized(peft_model):
         return
     for gate in gates(peft_model).values():
         if gate.dtype == torch.float32:
@@ -72,3 +88,8 @@ def restore_fp32_gates(peft_model, optimizer) -> None:
             if torch.is_tensor(value) and value.is_floating_point() and key != "step":
                 state[key] = value.float()
 
+
+
+def is_quantized(peft_model) -> bool:
+    base = peft_model.get_base_model()
+    return bool(getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None)

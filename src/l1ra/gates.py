@@ -25,14 +25,19 @@ _LAYER_REF = "_l1ra_layer"  # back reference from lora_A[a] to its LoraLayer, ke
 
 
 class GateHook:
-    """Forward hook on `lora_A[adapter]`: scale A's output by the gate. Picklable and deep-copyable."""
+    """Forward hook on `lora_A[adapter]`: scale A's output by the gate. Picklable and deep-copyable.
+
+    Replica-safe: `nn.DataParallel` runs copies of the module tree whose `__dict__` is copied, so in a replica on
+    another GPU the back reference still names the original layer, and its gate sits on the first GPU. The gate is
+    therefore brought to the output's device (a no-op on one device); autograd sends its gradient back to the
+    original gate, which is where DataParallel sums the replicas' gradients anyway."""
 
     def __init__(self, adapter: str):
         self.adapter = adapter
 
     def __call__(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         gate = module.__dict__[_LAYER_REF].l1ra_gate[self.adapter]
-        return output * gate.to(output.dtype)
+        return output * gate.to(device=output.device, dtype=output.dtype)
 
 
 class GatedLoraLayer:
@@ -93,13 +98,18 @@ def attach_gate(layer: LoraLayer, adapter: str) -> nn.Parameter:
 
 
 @torch.no_grad()
-def shrink_gates_(gates: list[torch.Tensor], taus: list[float]) -> None:
-    """Proximal L1 step for gates in [0, 1]: `c <- clamp(c - tau, 0, 1)` (soft threshold, then the box)."""
+def shrink_gates_(gates: list[torch.Tensor], taus: list[float], kept: Optional[torch.Tensor] = None) -> None:
+    """Proximal L1 step for gates in [0, 1]: `c <- clamp(c - tau, 0, 1)` (soft threshold, then the box).
+
+    `kept`: an optional 0-dim fp32 tensor (1: the optimizer step happened, 0: it was skipped) that multiplies tau on
+    the device, so a step skipped by a GradScaler leaves the gates alone without a host sync."""
     buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for gate, tau in zip(gates, taus):
         buckets[(tau, gate.device, gate.dtype)].append(gate)
-    for (tau, _, _), group in buckets.items():
-        if tau:
+    for (tau, device, _), group in buckets.items():
+        if tau and kept is not None:
+            torch._foreach_add_(group, kept.to(device, non_blocking=device.type != "cpu"), alpha=-tau)
+        elif tau:
             torch._foreach_add_(group, -tau)
         torch._foreach_clamp_min_(group, 0.0)
         torch._foreach_clamp_max_(group, 1.0)

@@ -12,7 +12,7 @@ from peft import PeftModel
 from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.tuners.lora import LoraLayer
 
-from . import distributed
+from . import amp, distributed
 from .allocator import is_reallocation_step, plan_reallocation
 from .checkpoint import load_into, read_config, save_l1ra
 from .config import L1RAConfig
@@ -256,23 +256,27 @@ def gate_learning_rates(
     return [float(lr) for lr in lrs]
 
 
-def apply_l1_(model: nn.Module, optimizer, l1ra_lambda: Optional[float] = None) -> None:
+def apply_l1_(model: nn.Module, optimizer, l1ra_lambda: Optional[float] = None, *, kept=None) -> None:
     """Proximal L1 step on every gate, with `tau = (current lr of the gate's param group) * l1ra_lambda`
-    (default: the config's), then the projection to [0, 1]."""
+    (default: the config's), then the projection to [0, 1]. `kept`: see `l1ra.gates.shrink_gates_`."""
     peft_model = find_l1ra_model(model)
     lam = peft_model.l1ra_state.config.l1ra_lambda if l1ra_lambda is None else l1ra_lambda
     lrs = gate_learning_rates(peft_model, optimizer)
-    shrink_gates_(list(gates(peft_model).values()), [lr * lam for lr in lrs])
+    shrink_gates_(list(gates(peft_model).values()), [lr * lam for lr in lrs], kept=kept)
 
 
 def after_optimizer_step(
-    model: nn.Module, optimizer, *, step: Optional[int] = None, optimizer_step_skipped: Optional[bool] = None
+    model: nn.Module, optimizer, *, step: Optional[int] = None, optimizer_step_skipped: Optional[bool] = None,
+    scaler=None,
 ) -> Optional[ReallocationEvent]:
     """Call once after every `optimizer.step()` (after the last micro-batch of an accumulation, never between):
     proximal L1 on the gates, then a reallocation when one is due. Returns the reallocation event, if any.
 
     `step`: the optimizer step just taken (1-based); default: count calls. `optimizer_step_skipped`: the optimizer
-    skipped this step (e.g. fp16 overflow); default: read Accelerate's `optimizer.step_was_skipped`.
+    skipped this step (e.g. fp16 overflow); default: found out on the device, without a host sync, from the
+    `GradScaler` that stepped it: `scaler` in a plain loop (call this between `scaler.step(optimizer)` and
+    `scaler.update()`, or after both), Accelerate's own for an `AcceleratedOptimizer` (see `l1ra.amp`). A skipped
+    step leaves the gates and the sensitivity sums as they were.
     """
     peft_model = find_l1ra_model(model)
     st = peft_model.l1ra_state
@@ -284,22 +288,24 @@ def after_optimizer_step(
         check_gate_dtype(peft_model)
         adopt_loaded_params(peft_model, optimizer, strict=True)
         st.setup_checked = True
-    if optimizer_step_skipped is None:
-        optimizer_step_skipped = bool(getattr(optimizer, "step_was_skipped", False))
+    skipped = amp.step_skipped(optimizer, scaler) if optimizer_step_skipped is None else bool(optimizer_step_skipped)
     step = int(step) if step is not None else st.step + 1
-    if not optimizer_step_skipped:
+    if skipped is not True:
+        live = list(st.gates().values())
+        kept = amp.kept_factor(skipped, live[0].device) if live else None
         if st.config.receiver_signal == "sensitivity":
-            accumulate_sensitivity_(peft_model)  # reads the gradients before the L1 step moves the gates
-        apply_l1_(peft_model, optimizer, None if step > l1_start else 0.0)  # before l1_start: only the projection
+            accumulate_sensitivity_(peft_model, kept)  # reads the gradients before the L1 step moves the gates
+        apply_l1_(peft_model, optimizer, None if step > l1_start else 0.0, kept=kept)  # before l1_start: only the box
     st.step = step
     if is_reallocation_step(st.step, interval, st.total_steps):
         return reallocate(model, optimizer)
     return None
 
 
-def accumulate_sensitivity_(peft_model) -> None:
+def accumulate_sensitivity_(peft_model, kept: Optional[torch.Tensor] = None) -> None:
     """Add this step's `|gate * grad|` to the per-rank sums that order the receivers (receiver_signal='sensitivity').
-    DDP has averaged the gradients already, so every process adds the same numbers."""
+    DDP has averaged the gradients already, so every process adds the same numbers. `kept` (0-dim, on the device):
+    0 adds nothing (a skipped step, whose gradients hold inf/NaN)."""
     st = peft_model.l1ra_state
     step_sensitivity = gate_sensitivity(list(st.gates().values()))
     if step_sensitivity is None:
@@ -307,6 +313,8 @@ def accumulate_sensitivity_(peft_model) -> None:
             "L1RAConfig.receiver_signal='sensitivity' reads the gates' gradients, but none has one: call "
             "l1ra.after_optimizer_step after optimizer.step() and before optimizer.zero_grad()."
         )
+    if kept is not None:
+        step_sensitivity = torch.where(kept.to(step_sensitivity.device) > 0, step_sensitivity, 0.0)
     st.sensitivity = step_sensitivity if st.sensitivity is None else st.sensitivity.add_(step_sensitivity)
 
 

@@ -59,18 +59,23 @@ def write_rank_history(model, path: Path) -> None:
                              "moved": st.history.total_moved, "events": st.history.to_json()})
 
 
-def all_finite(params) -> bool:
-    """Whether every tensor is finite, with one host sync: the inf-norm of each tensor (NaN and inf propagate, and a
-    max cannot overflow) in one fused `_foreach_norm` per device, then a single `.item()`."""
+def nonfinite_flag(params) -> Optional[torch.Tensor]:
+    """A 0-dim bool tensor, True when some tensor holds a NaN or an inf, computed on the device without a host sync:
+    the inf-norm of each tensor (NaN and inf propagate, and a max cannot overflow) in one fused `_foreach_norm` per
+    device. None for no tensors."""
     by_device: dict = {}
     for p in params:
         by_device.setdefault(p.device, []).append(p.detach())
-    flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, float("inf")))).all() for ts in by_device.values()]
+    flags = [(~torch.isfinite(torch.stack(torch._foreach_norm(ts, float("inf"))))).any() for ts in by_device.values()]
     if not flags:
-        return True
-    if len(flags) > 1:
-        flags = [torch.stack([f.cpu() for f in flags]).all()]
-    return bool(flags[0].item())
+        return None
+    first = flags[0].device
+    return flags[0] if len(flags) == 1 else torch.stack([f.to(first, non_blocking=True) for f in flags]).any()
+
+
+def trainable(model) -> list:
+    """The model's trainable parameters now (a reallocation replaces some, so never keep this list)."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 class RunCallback(TrainerCallback):
@@ -85,7 +90,7 @@ class RunCallback(TrainerCallback):
         self.last_eval = None
         self.last_eval_step = None
         self.n_events = 0
-        self.params = None
+        self.pending = None  # device flag: a trainable parameter went non-finite since the last read
         if recorder is not None:
             recorder.truncate(start)
 
@@ -94,12 +99,13 @@ class RunCallback(TrainerCallback):
 
         self.active = True
         self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.pending = None
         self.progress = Progress(self.max_steps, start=state.global_step)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         logs = logs or {}
-        if "loss" not in logs:
+        # The Trainer has just read its loss (a host sync), so reading the parameters' flag now costs no extra wait.
+        if self._read_flag(state.global_step, control) or "loss" not in logs:
             return
         loss = float(logs["loss"])
         step = state.global_step
@@ -118,8 +124,13 @@ class RunCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.nonfinite is not None:
             return
-        if not all_finite(self.params):
-            self._stop(state.global_step, control)
+        # Checked on the device every step (the parameters looked up now: a reallocation replaces some); read on the
+        # host only where the Trainer syncs anyway: when it logs (on_log), evaluates, saves or stops.
+        flag = nonfinite_flag(trainable(model or self.model))
+        if flag is not None:
+            self.pending = flag if self.pending is None else self.pending | flag
+        last = state.global_step >= self.max_steps or control.should_training_stop
+        if (control.should_save or control.should_evaluate or last) and self._read_flag(state.global_step, control):
             return
         import l1ra
 
@@ -144,6 +155,16 @@ class RunCallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self.recorder.flush(model)
+
+    def _read_flag(self, step: int, control) -> bool:
+        """Read the pending device flag (one host sync); stop the run if a parameter went non-finite."""
+        if self.nonfinite is not None:
+            return True
+        pending, self.pending = self.pending, None
+        if pending is not None and bool(pending):
+            self._stop(step, control)
+            return True
+        return False
 
     def _stop(self, step: int, control) -> None:
         self.nonfinite = step

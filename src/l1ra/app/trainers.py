@@ -31,10 +31,20 @@ IGNORE_INDEX = -100
 # Collators: one per data kind
 
 
-def lm_collator(pad_token_id: int, padding_free: bool) -> DataCollatorForLanguageModeling:
+class LMCollator(DataCollatorForLanguageModeling):
+    """TRL's collator, plus where the loss is (`loss_index`, computed here on the host from the labels), so that the
+    loss on the device needs no host sync: no `nonzero`, boolean-mask indexing or `.item()` per micro-batch."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        batch.update(loss_index(batch["labels"], batch.get("position_ids"), "attention_mask" not in batch))
+        return batch
+
+
+def lm_collator(pad_token_id: int, padding_free: bool) -> LMCollator:
     """Causal LM examples (`input_ids`, `labels`): TRL's collator, padded per batch or flattened into one row with
     `position_ids` (padding-free; the attention is kept within each example by the model's packed-sequence mask)."""
-    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=padding_free)
+    return LMCollator(pad_token_id=pad_token_id, padding_free=padding_free)
 
 
 def classifier_collator(tokenizer) -> DataCollatorWithPadding:
@@ -65,39 +75,54 @@ def _accepts(model, name: str) -> bool:
 # Loss and per-example statistics
 
 
+LOSS_KEYS = ("l1ra_keep", "l1ra_tokens", "l1ra_examples")
+
+
+def loss_index(labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None, unmasked: bool = True) -> dict:
+    """Where the loss is in a batch: computed by the collator on the host (a host sync per call on a device).
+
+    `l1ra_keep` (K,): the positions whose next token carries loss in some row (label != -100, shifted by one);
+    `l1ra_tokens` (4, T), one column per loss token in row-major order (as a boolean mask picks them): its index in
+    the (rows, K) logits of the sparse head, its index in the (rows, length) full logits, its target and its example;
+    `l1ra_examples`: the number of examples. A padding-free batch (`unmasked`: no attention mask, one row with
+    `position_ids`) holds several examples, each starting where its position id is 0.
+    """
+    targets = labels[:, 1:]
+    carry = targets != IGNORE_INDEX
+    keep = carry.any(0).nonzero().squeeze(1)
+    rows, cols = carry.nonzero(as_tuple=True)
+    kept_col = torch.zeros(targets.size(1), dtype=torch.long, device=labels.device)
+    kept_col[keep] = torch.arange(keep.numel(), device=labels.device)
+    n_rows, length = labels.shape
+    if n_rows == 1 and position_ids is not None and unmasked:
+        starts = (position_ids[0] == 0).long()
+        example, n_examples = (starts.cumsum(0)[:-1] - 1)[cols], int(starts.sum())
+    else:
+        example, n_examples = rows, n_rows
+    tokens = torch.stack([rows * keep.numel() + kept_col[cols], rows * length + cols, targets[rows, cols], example])
+    return {"l1ra_keep": keep, "l1ra_tokens": tokens, "l1ra_examples": n_examples}
+
+
 def lm_token_losses(model, inputs: dict, sparse_head: bool = True):
     """`(per_token_loss, example_index, n_examples)` for the tokens that carry loss (label != -100, shifted by one).
 
-    With `sparse_head` the LM head runs only on those positions (`logits_to_keep` with their indices). For a padded
-    batch the kept positions are the union over its rows; a padding-free batch is one row, so exactly the loss ones.
+    With `sparse_head` the LM head runs only on the positions whose next token carries loss (`logits_to_keep` with
+    their indices): for a padded batch the union over its rows, for a padding-free one (one row) exactly those. The
+    indices come from the collator (`LMCollator`), so this makes no host sync; other batches get them computed here.
     """
-    labels = inputs["labels"]
-    feed = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+    index = inputs if "l1ra_tokens" in inputs else loss_index(
+        inputs["labels"], inputs.get("position_ids"), "attention_mask" not in inputs
+    )
+    feed = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", *LOSS_KEYS)}
     feed["use_cache"] = False  # a cache also turns off the packed-sequence mask of padding-free batches
-    targets = labels[:, 1:]
-    carry = targets != IGNORE_INDEX
+    at_kept, at_full, targets, example = index["l1ra_tokens"]
     if sparse_head:
-        keep = carry.any(0).nonzero().squeeze(1)  # positions whose next token carries loss
-        logits = model(**feed, logits_to_keep=keep).logits  # (batch, kept, vocab)
-        targets, carry = targets[:, keep], carry[:, keep]
+        logits, at = model(**feed, logits_to_keep=index["l1ra_keep"]).logits, at_kept  # (batch, kept, vocab)
     else:
-        keep = None
-        logits = model(**feed).logits[:, :-1]
-    picked = logits[carry]  # (loss tokens, vocab)
-    loss = F.cross_entropy(picked.float(), targets[carry], reduction="none")
-    rows = labels.size(0)
-    if rows == 1 and "position_ids" in inputs and "attention_mask" not in inputs:
-        # padding-free: one row of concatenated examples; each starts where its position id is 0
-        starts = (inputs["position_ids"][0] == 0).long()
-        example = starts.cumsum(0)[:-1] - 1  # example of each predicting position
-        if keep is not None:
-            example = example[keep]
-        example = example.unsqueeze(0).expand_as(carry)[carry]
-        n_examples = int(starts.sum())
-    else:
-        example = torch.arange(rows, device=labels.device).unsqueeze(1).expand_as(carry)[carry]
-        n_examples = rows
-    return loss, example, n_examples
+        logits, at = model(**feed).logits, at_full  # (batch, length, vocab)
+    picked = logits.flatten(0, 1).index_select(0, at)  # (loss tokens, vocab); the same rows a boolean mask picks
+    loss = F.cross_entropy(picked.float(), targets, reduction="none")
+    return loss, example, index["l1ra_examples"]
 
 
 def token_stats(loss: torch.Tensor, example: torch.Tensor, n_examples: int) -> torch.Tensor:
@@ -154,8 +179,8 @@ class _HeldOut:
     def _count_tokens(self, inputs) -> None:
         # non-padding tokens fed to training; kept on the device (no host sync per step)
         mask = inputs.get("attention_mask")
-        n = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
-        self._train_tokens = n.detach() if self._train_tokens is None else self._train_tokens + n.detach()
+        n = mask.sum().detach() if mask is not None else inputs["input_ids"].numel()  # a host int: no copy to the device
+        self._train_tokens = n if self._train_tokens is None else self._train_tokens + n
 
     def evaluate(self, *args, **kwargs):
         t0 = time.perf_counter()
@@ -189,7 +214,9 @@ class LMTrainer(_HeldOut, SFTTrainer):
                 p.data = p.data.to(dtypes[name])
         self._setup_heldout()
         base = _base_model(self.model)
-        self.sparse_head = _accepts(base, "logits_to_keep") if sparse_head is None else sparse_head
+        # nn.DataParallel (several GPUs, no torchrun) would split the logits_to_keep indices between its replicas
+        auto = _accepts(base, "logits_to_keep") and self.args.n_gpu <= 1
+        self.sparse_head = auto if sparse_head is None else sparse_head
         # our loss is divided by the tokens of the whole accumulated batch, so the Trainer must not rescale it
         self.model_accepts_loss_kwargs = True
 
@@ -198,7 +225,7 @@ class LMTrainer(_HeldOut, SFTTrainer):
             self._count_tokens(inputs)
         loss, _, _ = lm_token_losses(model, inputs, self.sparse_head)
         denom = num_items_in_batch if num_items_in_batch is not None else loss.numel()
-        total = loss.sum() / torch.as_tensor(denom, device=loss.device).clamp(min=1)
+        total = loss.sum() / (denom.clamp(min=1) if torch.is_tensor(denom) else max(denom, 1))
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             total = total * self.accelerator.num_processes  # DDP averages the gradients across processes
         return (total, None) if return_outputs else total
