@@ -189,6 +189,8 @@ def cmd_train(args) -> int:
     from .train import run_train
 
     result = run_train(opts, explicit)
+    if result["summary"] is None:  # a process other than 0 under torchrun: process 0 prints
+        return 0
     print(f"\n{result['summary']}\noutputs in {opts.output_dir}/ : adapter/, metrics.json, rank_history.json, "
           "rank_heatmap.png, rank_by_module_type.png, loss_curves.png")
     return 0
