@@ -102,3 +102,44 @@ def test_the_bitsandbytes_kernels_note_is_hidden_unless_the_run_loads_4_bit(tmp_
         assert len(caplog.records) == 1 and "kernels-community" in caplog.records[0].getMessage()
     finally:
         show_bnb_kernels_note(True)
+
+
+# ---- on a real GPU (benchmarks/gpu_check.sh runs these first: pytest -m cuda) ---------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _train_one_step(model, plan):
+    from conftest import make_batch
+
+    model = l1ra.get_l1ra_model(model, l1ra.L1RAConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    batch = {k: v.to("cuda") for k, v in make_batch("llama").items()}
+    with torch.autocast("cuda", dtype=plan.model_dtype(), enabled=plan.bf16 or plan.fp16):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = [g.grad for g in l1ra.gates(model).values()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    return model
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_on_this_gpu_bf16_follows_the_hardware_and_the_base_loads_in_the_plans_precision(tiny_dir):
+    plan = current_plan()
+    native = torch.cuda.get_device_capability() >= (8, 0)  # Ampere and later compute bf16
+    assert plan == DevicePlan("cuda", bf16=native, fp16=not native)
+    model = load_model(str(tiny_dir), "causal-lm", plan=plan).to("cuda")
+    assert {p.dtype for p in model.parameters()} == {plan.model_dtype()}
+    _train_one_step(model, plan)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_on_this_gpu_a_4bit_base_loads_on_the_gpu_and_trains(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    make_model("llama64").save_pretrained(tmp_path)
+    plan = current_plan()
+    model = load_model(str(tmp_path), "causal-lm", load_in_4bit=True, plan=plan)
+    quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert quantized and all(m.weight.device.type == "cuda" for m in quantized)
+    _train_one_step(model, plan)
