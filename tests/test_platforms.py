@@ -79,6 +79,28 @@ def test_load_in_4bit_on_cpu_loads_a_model_whose_shapes_fit(tmp_path):
     assert len(quantized) == 14 and all(m.in_features % 64 == 0 and m.out_features % 64 == 0 for m in quantized)
 
 
+def test_a_4bit_base_is_never_repacked_for_the_avx512_kernel_so_training_keeps_its_gradients(tmp_path, monkeypatch):
+    """On AVX-512-BF16 CPUs bitsandbytes repacks a weight at the first evaluation and from then on runs every forward,
+    training too, through `gemv_4bit`, which has no autograd formula. Simulated here: bitsandbytes is told the CPU
+    has AVX-512-BF16 when the layers are built; `load_model` turns the repacking off."""
+    bnb_modules = pytest.importorskip("bitsandbytes.nn.modules")
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    make_model("llama64").save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), "causal-lm", load_in_4bit=True, plan=DevicePlan("cpu"))
+    quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert quantized and not any(m.support_avx512bf16_for_cpu for m in quantized)
+    ids = torch.arange(8).unsqueeze(0)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # an evaluation: the moment bitsandbytes would repack
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized)
+    model.train()
+    embeddings = model.get_input_embeddings().weight
+    embeddings.requires_grad_(True)
+    model(input_ids=ids, labels=ids).loss.backward()  # the gradient crosses every 4-bit layer
+    assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+
+
 def _kernels_note(logger):
     # bitsandbytes/backends/cpu/ops.py, logged at import on CPUs with AVX-512-BF16 when `kernels` is missing
     logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "

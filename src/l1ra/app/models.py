@@ -54,10 +54,30 @@ def load_model(path: str, task: str, load_in_4bit: bool = False, plan=None):
             check_4bit_shapes(path, cls, kwargs)
         kwargs.update(quantization_config=nf4_config(plan), device_map={"": device})
     try:
-        return cls.from_pretrained(path, dtype=plan.model_dtype() if plan is not None else torch.float32, **kwargs)
+        model = cls.from_pretrained(path, dtype=plan.model_dtype() if plan is not None else torch.float32, **kwargs)
     except Exception as err:
         raise RunError(f"--model {path}: cannot load it as a {'classifier' if task == 'classification' else 'causal LM'}"
                        f"{' in 4 bits' if load_in_4bit else ''} ({_first_line(err)})") from None
+    if load_in_4bit:
+        keep_4bit_weights_unpacked(model)
+    return model
+
+
+def keep_4bit_weights_unpacked(model) -> int:
+    """Keep bitsandbytes from repacking NF4 weights for its AVX-512-BF16 CPU kernel (returns the layers changed).
+
+    On such CPUs `Linear4bit.forward` repacks a weight at its first no-grad forward in eval mode (the held-out
+    evaluation before training) and never unpacks it; every later forward, training ones included, then goes through
+    `bitsandbytes::gemv_4bit`, an op without an autograd formula, so the gradient through the frozen base layer to
+    the layers before it would be lost (read in bitsandbytes 0.50 `nn/modules.py` and `autograd/_functions.py`; this
+    machine has no AVX-512-BF16 to run it). Training and evaluation then share the dequantize-and-matmul path on every
+    CPU; GPUs never take that branch."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def nf4_config(plan):
