@@ -14,10 +14,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VOCAB = 96
+# A tiny Llama for 4-bit tests: every quantized linear layer has in and out features that are multiples of 64
+# (bitsandbytes packs NF4 weights in blocks of 64 for its AVX-512 CPU kernel; 32 crashes there).
+LLAMA64 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 
 
 def make_model(arch: str, seed: int = 0):
-    """A tiny transformers model of `arch` ('llama', 'gpt2' with Conv1D, 'bert' classifier), deterministic by seed."""
+    """A tiny transformers model of `arch` ('llama', 'gpt2' with Conv1D, 'bert' classifier, and 'llama64', whose
+    linear layers are multiples of 64 as bitsandbytes' 4-bit CPU kernels need), deterministic by seed."""
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
@@ -34,6 +38,8 @@ def make_model(arch: str, seed: int = 0):
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         )
         model = LlamaForCausalLM(cfg)
+    elif arch == "llama64":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **LLAMA64, max_position_embeddings=64))
     elif arch == "gpt2":
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
         model = GPT2LMHeadModel(cfg)

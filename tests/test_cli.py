@@ -15,19 +15,32 @@ TRAIN_FLAGS = ["--max-steps", "4", "--batch-size", "2", "--max-length", "48", "-
                "--save-steps", "2", "--r", "4", "--update-every", "2", "--max-eval", "4"]
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
+def save_tiny_llm(path, **shape):
+    """A tiny Llama and its byte-level tokenizer saved in `path` (a folder `l1ra train --model` takes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny-llm")
     tok = make_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    sizes = {**dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2), **shape}
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sizes)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_4bit(tmp_path_factory):
+    """A tiny Llama whose linear layers bitsandbytes can quantize on every CPU (multiples of 64)."""
+    from conftest import LLAMA64
+
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny-llm-4bit"), **LLAMA64)
 
 
 def _rows(n=24):

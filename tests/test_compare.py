@@ -449,6 +449,7 @@ def test_device_choice():
     assert Precision("cuda", torch.float16).scaler is not None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_run_trains_and_scores_on_the_gpu(tiny):
     r = run_one(spec("l1ra", steps=4, device="cuda"), tiny)

@@ -11,7 +11,7 @@ import l1ra
 from l1ra import L1RAConfig
 
 from conftest import make_batch, make_model
-from test_cli import TRAIN_FLAGS, qa_jsonl, tiny_llm  # noqa: F401 -- fixtures: a tiny Llama and a tiny QA dataset
+from test_cli import TRAIN_FLAGS, qa_jsonl, tiny_llm, tiny_llm_4bit  # noqa: F401 -- fixtures: tiny Llamas, a QA dataset
 from test_core import build, kill_gates, logits, train_steps
 
 
@@ -411,7 +411,7 @@ def test_a_4bit_base_trains_reallocates_saves_and_loads_in_plain_peft(tmp_path):
     pytest.importorskip("bitsandbytes")
     from peft import PeftModel
 
-    make_model("llama").save_pretrained(tmp_path / "base")
+    make_model("llama64").save_pretrained(tmp_path / "base")  # 4-bit shapes every CPU kernel takes
     model = l1ra.get_l1ra_model(
         _nf4_base(tmp_path / "base"),
         L1RAConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", update_every=10**6, l1ra_lambda=0.0),
@@ -438,7 +438,8 @@ def test_a_4bit_base_trains_reallocates_saves_and_loads_in_plain_peft(tmp_path):
     assert (logits(model, batch) - expected).abs().max() < 0.2
 
 
-def test_l1ra_train_load_in_4bit_trains_a_4bit_base_and_merges_into_the_full_precision_one(tiny_llm, qa_jsonl, tmp_path):
+def test_l1ra_train_load_in_4bit_trains_a_4bit_base_and_merges_into_the_full_precision_one(tiny_llm_4bit, qa_jsonl,
+                                                                                           tmp_path):
     """`l1ra train --load-in-4bit`: TRL's SFTTrainer casts a quantized model's trainable parameters to bf16; the run
     must keep the gates fp32 (l1ra refuses bf16 gates), move rank, and `l1ra merge` must merge the adapter into the
     full-precision base (merging into 4-bit weights would re-quantize them)."""
@@ -451,7 +452,7 @@ def test_l1ra_train_load_in_4bit_trains_a_4bit_base_and_merges_into_the_full_pre
     from l1ra.app.cli import main
 
     out = tmp_path / "run"
-    rc = main(["train", "--model", str(tiny_llm), "--dataset", str(qa_jsonl), "--output-dir", str(out),
+    rc = main(["train", "--model", str(tiny_llm_4bit), "--dataset", str(qa_jsonl), "--output-dir", str(out),
                "--load-in-4bit", "--l1ra-lambda", "60", *TRAIN_FLAGS])
     assert rc == 0
     run_config = json.loads((out / "train_config.json").read_text())
@@ -460,7 +461,7 @@ def test_l1ra_train_load_in_4bit_trains_a_4bit_base_and_merges_into_the_full_pre
     assert history["moved"] > 0
     assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float32),
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm_4bit, dtype=torch.float32),
                                          str(out / "adapter")).merge_and_unload()
     for (name, got), (_, want) in zip(merged.state_dict().items(), expected.state_dict().items()):
         assert got.dtype == torch.float32 and torch.equal(got, want), name
@@ -479,7 +480,7 @@ def test_load_in_4bit_without_bitsandbytes_names_the_extra(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_trl_sfttrainer_on_a_4bit_base_keeps_the_gates_fp32(tiny_llm, tmp_path):
+def test_trl_sfttrainer_on_a_4bit_base_keeps_the_gates_fp32(tiny_llm_4bit, tmp_path):
     """A user's own QLoRA loop: TRL's SFTTrainer casts a quantized model's trainable parameters to bf16; the
     callback casts the gates back when the Trainer is built, before any DDP wrap (the LoRA factors stay as TRL
     chose), so the L1 steps are exact."""
@@ -488,8 +489,8 @@ def test_trl_sfttrainer_on_a_4bit_base_keeps_the_gates_fp32(tiny_llm, tmp_path):
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    tok = AutoTokenizer.from_pretrained(tiny_llm)
-    model = l1ra.get_l1ra_model(_nf4_base(tiny_llm), L1RAConfig(r=4, target_modules="all-linear",
+    tok = AutoTokenizer.from_pretrained(tiny_llm_4bit)
+    model = l1ra.get_l1ra_model(_nf4_base(tiny_llm_4bit), L1RAConfig(r=4, target_modules="all-linear",
                                                                  task_type="CAUSAL_LM", update_every=2,
                                                                  l1ra_lambda=60.0))
     rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" {2 * i}."} for i in range(16)]

@@ -43,11 +43,11 @@ def test_cpu_bf16_default_only_where_native(bf16, native, expected):
     assert plan == DevicePlan("cpu", bf16=expected)
 
 
-def test_inference_dtype():
-    assert DevicePlan("cuda", bf16=True).inference_dtype() == torch.bfloat16
-    assert DevicePlan("cuda", fp16=True).inference_dtype() == torch.float16
-    assert DevicePlan("cpu", bf16=True).inference_dtype() == torch.float32
-    assert DevicePlan("mps").inference_dtype() == torch.float32
+def test_model_dtype():
+    assert DevicePlan("cuda", bf16=True).model_dtype() == torch.bfloat16
+    assert DevicePlan("cuda", fp16=True).model_dtype() == torch.float16
+    assert DevicePlan("cpu", bf16=True).model_dtype() == torch.float32
+    assert DevicePlan("mps").model_dtype() == torch.float32
 
 
 # ---- TRL's tokenisation keeps the loss on the same tokens ----------------------------------------------------------

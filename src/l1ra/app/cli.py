@@ -182,12 +182,15 @@ def cmd_train(args) -> int:
         from .extras import require
 
         require(["bitsandbytes"], "quant", "--load-in-4bit")
+        show_bnb_kernels_note(True)
     from .assets import check_model_spec
 
     check_model_spec(opts.model)
     from .train import run_train
 
     result = run_train(opts, explicit)
+    if result["summary"] is None:  # a process other than 0 under torchrun: process 0 prints
+        return 0
     print(f"\n{result['summary']}\noutputs in {opts.output_dir}/ : adapter/, metrics.json, rank_history.json, "
           "rank_heatmap.png, rank_by_module_type.png, loss_curves.png")
     return 0
@@ -340,6 +343,25 @@ def quiet_third_party() -> None:
             pass
 
 
+BNB_KERNELS_NOTE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_the_kernels_note(record) -> bool:
+    return not str(record.msg).startswith(BNB_KERNELS_NOTE)
+
+
+def show_bnb_kernels_note(show: bool) -> None:
+    """bitsandbytes (imported by PEFT whenever it is installed) warns on CPUs with AVX-512-BF16 that the optional
+    `kernels` package is missing. That kernel would only serve 4-bit inference, so the note is hidden unless the run
+    loads a 4-bit base; every other bitsandbytes message still shows."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    logger.removeFilter(_not_the_kernels_note)
+    if not show:
+        logger.addFilter(_not_the_kernels_note)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -349,6 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     debug = getattr(args, "debug", False)
+    show_bnb_kernels_note(False)
     try:
         from .extras import require_for_command
 

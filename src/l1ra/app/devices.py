@@ -22,8 +22,9 @@ class DevicePlan:
         `use_cpu` only tells it that a CPU run is meant, which its bf16 check needs)."""
         return {"bf16": self.bf16, "fp16": self.fp16, "use_cpu": self.device == "cpu"}
 
-    def inference_dtype(self):
-        """dtype to load a model in for inference (generation): half precision on CUDA, float32 elsewhere."""
+    def model_dtype(self):
+        """dtype to load the base model in, to train or to generate: the run's half precision on CUDA (bf16, or fp16
+        with the scaler), float32 elsewhere. The adapters and gates PEFT and l1ra add stay float32 either way."""
         import torch
 
         if self.bf16 and self.device == "cuda":
@@ -62,8 +63,16 @@ def current_plan(bf16: Optional[bool] = None, cpu_bf16_default: bool = False) ->
 
     cuda = torch.cuda.is_available()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    return plan_device(cuda=cuda, mps=mps, cuda_bf16=cuda and torch.cuda.is_bf16_supported(), bf16=bf16,
+    return plan_device(cuda=cuda, mps=mps, cuda_bf16=cuda and cuda_bf16_native(), bf16=bf16,
                        cpu_bf16_default=cpu_bf16_default, cpu_bf16_native=cpu_bf16_native())
+
+
+def cuda_bf16_native() -> bool:
+    """Whether the GPU computes bf16 in hardware (compute capability 8.0+). `torch.cuda.is_bf16_supported()` also
+    counts emulation (T4, V100), which is slower than fp16 with the scaler."""
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def cpu_bf16_native() -> bool:

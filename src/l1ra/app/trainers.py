@@ -172,9 +172,14 @@ class _HeldOut:
         self._train_tokens = None
         self.compute_metrics = lambda pred: heldout_metrics(pred.predictions, self.task)
 
-    @property
     def train_tokens(self) -> int:
-        return int(self._train_tokens) if self._train_tokens is not None else 0
+        """Non-padding tokens trained on so far, summed over all processes (the global batch); under DDP every
+        process must call it (an all-reduce)."""
+        count = self._train_tokens if self._train_tokens is not None else torch.zeros((), dtype=torch.long)
+        count = count.to(self.args.device)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return int(count)
 
     def _count_tokens(self, inputs) -> None:
         # non-padding tokens fed to training; kept on the device (no host sync per step)
