@@ -1,127 +1,18 @@
-"""Tasks for `l1ra compare`: a fresh base model, the training batches in a fixed order, and the scorer.
+"""The built-in tasks of `l1ra compare`: sentiment (MiniLM, accuracy), GSM8K (SmolLM2, answer-token loss) and tiny
+(a random tiny Llama on synthetic data, for tests and smoke runs).
 
-Every task is offline: models and data come from the PyPI packages located by `l1ra.app.assets`, prepared by
-`l1ra.app.data`. A task is built once per run (inside the run's own process), so nothing leaks between methods.
+Every built-in task is offline: models and data come from the PyPI packages located by `l1ra.app.assets`, prepared
+by `l1ra.app.data`.
 """
 
 from __future__ import annotations
 
-import math
-import random
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from torch import nn
 
-from .compare import TUNED_L1RA
-
-
-@dataclass
-class Task:
-    name: str
-    score_name: str  # key of the headline score in `evaluate`'s result
-    higher_is_better: bool
-    task_type: str  # PEFT TaskType name
-    target_modules: object  # list of names or "all-linear"
-    load_model: Callable[[], nn.Module]  # a fresh base model, same weights every call
-    train_batches: Callable[[int, int, int], list]  # (seed, steps, batch_size) -> one batch dict per step (on CPU)
-    # (model, split, device, amp_dtype) -> {score_name: float, ...}; split "dev" (carved from the training data, for
-    # tuning) or "test" (the reported split)
-    evaluate: Callable[..., dict]
-    bf16_autocast: bool = False  # low-precision autocast helps this task (bf16 on CPU, bf16/fp16 on CUDA)
-    description: str = ""
-    splits: dict = field(default_factory=dict)  # {"train"|"dev"|"test": {"name": str, "size": int}}
-    head_modules: tuple = ()  # the classification head (the head_only row trains only these); () for LM tasks
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TaskDefaults:
-    steps: int
-    batch_size: int
-    lr: float
-    seeds: int
-    max_length: int
-    eval_limit: Optional[int]  # None: the whole evaluation split
-    dev_size: int = 0  # examples carved from the training data for tuning (seeded, the same for every run)
-    lr_grid: tuple = ()  # --tune: learning rates tried per method on the dev split
-    # L1RA's settings in these short runs (flags override). The library's defaults (lambda 0.1, eta_c 2e-2, L1 from
-    # step 1) shrink a gate by at most 2e-3 per step, so no rank moves in a few hundred steps; these move rank while
-    # the adapters learn first. Sweep: benchmarks/l1ra_sweep.py (README, "l1ra compare").
-    l1ra: dict = field(default_factory=lambda: dict(SHORT_RUN_L1RA))
-
-
-SHORT_RUN_L1RA = dict(TUNED_L1RA)
-
-# Full runs and `--quick` smoke runs per task. Measured costs and the commands of the full evidence:
-# benchmarks/compare/README.md.
-DEFAULTS = {
-    "sentiment": {
-        # lr grid: LoRA's best is 1e-3 (it fell to 0.573 dev accuracy at 3e-3), but AdaLoRA's best was 3e-3, the
-        # top of a 3-value grid, so 1e-2 is back, for every row alike (500 steps, seed 0)
-        "full": TaskDefaults(steps=500, batch_size=16, lr=1e-3, seeds=5, max_length=64, eval_limit=None,
-                             dev_size=600, lr_grid=(3e-4, 1e-3, 3e-3, 1e-2)),
-        "quick": TaskDefaults(steps=40, batch_size=16, lr=1e-3, seeds=1, max_length=64, eval_limit=None,
-                              dev_size=600, lr_grid=(3e-4, 1e-3, 3e-3)),
-    },
-    "gsm8k": {
-        # batch 4 x 128 tokens: at 8 x 256 one fp32 step took 54 s and 8.6 GiB peak RSS here (12.8 s, 2.9 GiB at
-        # 4 x 128; 2 shared cores under load 6-8), too much for two runs side by side on a 23 GiB machine
-        "full": TaskDefaults(steps=150, batch_size=4, lr=2e-4, seeds=3, max_length=128, eval_limit=None,
-                             dev_size=100, lr_grid=(1e-4, 2e-4, 5e-4)),
-        "quick": TaskDefaults(steps=10, batch_size=4, lr=2e-4, seeds=1, max_length=128, eval_limit=32,
-                              dev_size=100, lr_grid=(1e-4, 2e-4, 5e-4)),
-    },
-    "tiny": {  # random tiny Llama on synthetic data: exercises the whole pipeline in seconds (tests, smoke)
-        "full": TaskDefaults(steps=30, batch_size=4, lr=5e-3, seeds=2, max_length=16, eval_limit=None,
-                             dev_size=16, lr_grid=(5e-3, 1e-2, 2e-2)),
-        "quick": TaskDefaults(steps=10, batch_size=4, lr=5e-3, seeds=1, max_length=16, eval_limit=None,
-                              dev_size=16, lr_grid=(5e-3, 1e-2, 2e-2)),
-    },
-}
-
-
-DEV_SEED = 20260  # the dev split is one fixed carve, whatever the run's seed
-
-
-def carve_dev(examples: list, dev_size: int, seed: int = DEV_SEED) -> tuple[list, list]:
-    """(train, dev): `dev_size` examples drawn from `examples` by a seeded shuffle; the rest stay for training, in
-    their original order. The reported split is never touched by tuning."""
-    if not 0 <= dev_size < len(examples):
-        raise ValueError(f"--dev-size {dev_size}: use 0 <= dev size < the {len(examples)} training examples")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    dev_ids = set(order[:dev_size])
-    return [e for i, e in enumerate(examples) if i not in dev_ids], [examples[i] for i in order[:dev_size]]
-
-
-def pick_split(split: str, dev: list, test: list) -> list:
-    if split == "dev":
-        if not dev:
-            raise ValueError("the dev split is empty: set --dev-size > 0 to tune")
-        return dev
-    if split == "test":
-        return test
-    raise ValueError(f"split {split!r}: use 'dev' or 'test'")
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _shuffled_batches(examples: list, seed: int, steps: int, batch_size: int, collate) -> list:
-    """`steps` batches drawn epoch by epoch from `examples` in an order fixed by `seed` (same for every method)."""
-    if not examples:
-        raise ValueError("the training set is empty")
-    rng = random.Random(seed)
-    order: list[int] = []
-    while len(order) < steps * batch_size:
-        epoch = list(range(len(examples)))
-        rng.shuffle(epoch)
-        order += epoch
-    return [collate([examples[i] for i in order[s * batch_size : (s + 1) * batch_size]]) for s in range(steps)]
-
+from .lm import answer_loss, pad, to_device
+from .tasks import DEV_SEED, Task, carve_dev, pick_split, shuffled_batches
 
 # ---------------------------------------------------------------------------------------------------- sentiment
 
@@ -131,7 +22,7 @@ def sentiment_task(max_length: int = 64, eval_limit: Optional[int] = None, dev_s
     removed), tuned on a dev split carved from them, scored by accuracy on the SST-2 validation set."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from . import assets, data
+    from .. import assets, data
 
     model_dir = assets.minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -172,7 +63,7 @@ def sentiment_task(max_length: int = 64, eval_limit: Optional[int] = None, dev_s
         task_type="SEQ_CLS",
         target_modules=["query", "key", "value", "dense"],
         load_model=load_model,
-        train_batches=lambda seed, steps, bs: _shuffled_batches(train, seed, steps, bs, collate),
+        train_batches=lambda seed, steps, bs: shuffled_batches(train, seed, steps, bs, collate),
         evaluate=evaluate,
         bf16_autocast=True,
         description=f"MiniLM-L6 (BERT) on Rotten Tomatoes ({len(train)} snippets, SST-2 overlaps removed), "
@@ -187,14 +78,14 @@ def sentiment_task(max_length: int = 64, eval_limit: Optional[int] = None, dev_s
 
 
 def _cached_sentiment_splits(data) -> tuple[list, list]:
-    """`_sentiment_splits`, cached as JSON next to the converted models: the SST-2 overlap filter takes ~20 s, and
-    every run of `l1ra compare` is its own process. The cache key is the source of `l1ra.app.data`."""
+    """`l1ra.app.data.sentiment_data()`, cached as JSON next to the converted models: the SST-2 overlap filter is
+    slow, and every run of `l1ra compare` is its own process. The cache key is the source of `l1ra.app.data`."""
     import hashlib
     import json
     from pathlib import Path
 
-    from ..atomic import atomic_write_text
-    from . import assets
+    from ...atomic import atomic_write_text
+    from .. import assets
 
     key = hashlib.sha256(Path(data.__file__).read_bytes()).hexdigest()[:16]
     path = assets.cache_dir() / f"compare-sentiment-{key}.json"
@@ -204,27 +95,12 @@ def _cached_sentiment_splits(data) -> tuple[list, list]:
             return cached["train"], cached["valid"]
         except (OSError, ValueError, KeyError):
             pass
-    train, valid = _sentiment_splits(data)
+    train, valid = data.sentiment_data()  # lists of {"text": str, "label": int}
     try:
         atomic_write_text(path, json.dumps({"train": train, "valid": valid}))
     except OSError:
         pass
     return train, valid
-
-
-def _sentiment_splits(data) -> tuple[list, list]:
-    """(train, valid) as lists of {"text", "label"} from `l1ra.app.data.sentiment_data()`."""
-    result = data.sentiment_data()
-    if isinstance(result, dict):
-        train, valid = result["train"], result.get("validation", result.get("valid"))
-    else:
-        train, valid = result[0], result[1]
-    return [_text_label(r) for r in train], [_text_label(r) for r in valid]
-
-
-def _text_label(row) -> dict:
-    text = row.get("text", row.get("sentence"))
-    return {"text": text, "label": int(row["label"])}
 
 
 # ---------------------------------------------------------------------------------------------------- gsm8k
@@ -235,7 +111,7 @@ def gsm8k_task(max_length: int = 256, eval_limit: Optional[int] = None, dev_size
     is better) and its perplexity."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import assets, data
+    from .. import assets, data
 
     model_dir = assets.smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -252,7 +128,7 @@ def gsm8k_task(max_length: int = 256, eval_limit: Optional[int] = None, dev_size
     train, dev, heldout = encode(train_rows), encode(dev_rows), encode(heldout_rows)
 
     def collate(rows):
-        return _pad(rows, pad_id)
+        return pad(rows, pad_id)
 
     def load_model():
         return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -267,7 +143,7 @@ def gsm8k_task(max_length: int = 256, eval_limit: Optional[int] = None, dev_size
         task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         load_model=load_model,
-        train_batches=lambda seed, steps, bs: _shuffled_batches(train, seed, steps, bs, collate),
+        train_batches=lambda seed, steps, bs: shuffled_batches(train, seed, steps, bs, collate),
         evaluate=evaluate,
         bf16_autocast=True,
         description=f"SmolLM2-135M-Instruct on GSM8K ({len(train)} train problems), held-out answer-token loss "
@@ -278,41 +154,6 @@ def gsm8k_task(max_length: int = 256, eval_limit: Optional[int] = None, dev_size
             "test": {"name": "GSM8K held out (l1ra.app.data.gsm8k_split)", "size": len(heldout)},
         },
     )
-
-
-@torch.no_grad()
-def answer_loss(model, examples: list, pad_id: int, device="cpu", amp_dtype=None, batch_size: int = 8) -> dict:
-    """Mean next-token loss over the labelled (answer) tokens, computed from the logits: AdaLoRA adds its
-    orthogonality penalty to `outputs.loss`, so the model's own loss is not comparable between methods."""
-    device = torch.device(device)
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = to_device(_pad(examples[i : i + batch_size], pad_id), device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        mask = labels != -100
-        nll = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        total += float(nll[mask].sum())
-        count += int(mask.sum())
-    model.train()
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(loss), "n_eval": len(examples), "answer_tokens": count}
-
-
-def _pad(rows: list, pad_id: int) -> dict:
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 # ---------------------------------------------------------------------------------------------------- tiny
@@ -352,20 +193,13 @@ def tiny_task(max_length: int = 16, eval_limit: Optional[int] = None, dev_size: 
         task_type="CAUSAL_LM",
         target_modules="all-linear",
         load_model=load_model,
-        train_batches=lambda seed, steps, bs: _shuffled_batches(train, seed, steps, bs, lambda r: _pad(r, 0)),
+        train_batches=lambda seed, steps, bs: shuffled_batches(train, seed, steps, bs, lambda r: pad(r, 0)),
         evaluate=evaluate,
         description="random tiny Llama on synthetic copy data (pipeline smoke test)",
         splits={"train": {"name": "synthetic copy examples minus dev", "size": len(train)},
                 "dev": {"name": f"synthetic copy examples carved from train (seed {DEV_SEED})", "size": len(dev)},
                 "test": {"name": "synthetic copy examples, held out", "size": len(heldout)}},
-        extra={"dev": dev},
     )
 
 
 TASKS = {"sentiment": sentiment_task, "gsm8k": gsm8k_task, "tiny": tiny_task}
-
-
-def build_task(name: str, max_length: int, eval_limit: Optional[int], dev_size: int = 0) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"--task {name!r} is unknown; choose one of: {', '.join(TASKS)}")
-    return TASKS[name](max_length=max_length, eval_limit=eval_limit, dev_size=dev_size)
