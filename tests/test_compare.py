@@ -514,6 +514,16 @@ def test_from_results_rerenders_an_interrupted_comparison(runs, tmp_path):
     assert "| L1RA (library defaults) |" in md and "| AdaLoRA" not in md
 
 
+def test_the_shared_lr_is_a_trained_rows_not_bases(runs):
+    # base trains nothing (its spec's lr is 0); listed first, it used to make the report say "Learning rate: 0"
+    lora = runs["lora"]
+    base = dict(lora, method="base", spec=dict(lora["spec"], method="base", lr=0.0))
+    results = {"date": "2025-01-01T00:00:00", "machine": machine_info(1), "memory_method": "test",
+               "runs": [base, lora], "failures": []}
+    results["summary"] = summarize(final_runs(results))
+    assert f"Learning rate: {lora['spec']['lr']:g} for every method (not tuned)" in render_markdown(results)
+
+
 def test_interleaved_step_timing_feeds_the_ratio_column(tmp_path):
     specs = [spec(m, steps=4) for m in ("lora", "l1ra")]
     results = run_compare(specs, tmp_path, isolate=False, timing_steps=3, log=lambda m: None)

@@ -109,6 +109,8 @@ def test_compare_on_a_users_file_end_to_end(tmp_path, tiny_llm):
     }
     vs = summary["methods"]["l1ra_tuned"]["vs_lora"]
     assert vs["seeds"] == [0, 1] and len(vs["differences"]) == 2 and vs["ci95"][0] <= vs["mean"] <= vs["ci95"][1]
-    assert "## dataset" in (out / "results.md").read_text() and (out / "dataset.png").exists()
+    assert summary["targets"] == {}  # the project's targets are for its built-in tasks
+    md = (out / "results.md").read_text()
+    assert "## dataset" in md and "Targets" not in md and (out / "dataset.png").exists()
     assert main(argv) == 0  # resumed: every spec is already in results.json
     assert len(json.loads((out / "results.json").read_text())["runs"]) == len(runs)

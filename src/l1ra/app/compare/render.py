@@ -64,7 +64,7 @@ def _machine_lines(results: dict) -> list:
 
 
 def _task_intro(task: str, summ: dict, runs: list, tuning: Optional[dict]) -> list:
-    spec = runs[0]["spec"]
+    spec = next((r["spec"] for r in runs if r["method"] != "base"), runs[0]["spec"])  # base's lr is 0
     first = next(iter(summ["methods"].values()))
     arrow = "higher is better" if first["higher_is_better"] else "lower is better"
     splits = summ.get("splits") or {}

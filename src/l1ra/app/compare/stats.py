@@ -102,7 +102,8 @@ def summarize(runs: list[dict], step_timing: Optional[dict] = None) -> dict:
                 s["ranks_moved"] = _mean_std([r["l1ra"]["ranks_added"] for r in mr])
                 s["ranks_pruned"] = _mean_std([r["l1ra"]["ranks_pruned"] for r in mr])
             methods[method] = s
-        out[task] = {"methods": methods, "targets": check_targets(methods),
+        # the targets are the project's, set for its built-in tasks; a user's data has none
+        out[task] = {"methods": methods, "targets": check_targets(methods) if task != "dataset" else {},
                      "splits": task_runs[0].get("splits", {})}
     return out
 
