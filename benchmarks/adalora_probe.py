@@ -12,9 +12,11 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from l1ra.app.compare import ADALORA_SETTINGS, RunSpec
-from l1ra.app.compare_run import lr_lambda, wrap_model
-from l1ra.app.compare_tasks import build_task
+from l1ra.app.compare.adapters import wrap_model
+from l1ra.app.compare.loop import lr_lambda
+from l1ra.app.compare.methods import ADALORA_SETTINGS
+from l1ra.app.compare.plan import RunSpec
+from l1ra.app.compare.worker import build_task
 
 
 def main() -> None:

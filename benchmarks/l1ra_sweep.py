@@ -21,9 +21,9 @@ from pathlib import Path
 
 import dataclasses
 
-from l1ra.app.compare import add_arguments, make_plan
-from l1ra.app.compare_run import run_one
-from l1ra.app.compare_tasks import build_task
+from l1ra.app.compare.cli import add_arguments
+from l1ra.app.compare.plan import make_plan
+from l1ra.app.compare.worker import build_task, run_one
 
 
 def parse_config(text: str) -> dict:

@@ -19,8 +19,11 @@ import sys
 def one(method: str, autocast: bool, steps: int) -> dict:
     import torch
 
-    from l1ra.app.compare_run import RunSpec, lr_lambda, peak_rss_mb, rss_mb, train_step, wrap_model
-    from l1ra.app.compare_tasks import build_task
+    from l1ra.app.compare.adapters import wrap_model
+    from l1ra.app.compare.loop import Precision, lr_lambda, train_step
+    from l1ra.app.compare.measure import peak_rss_mb, rss_mb
+    from l1ra.app.compare.plan import RunSpec
+    from l1ra.app.compare.worker import build_task
 
     torch.set_num_threads(1)
     task = build_task("sentiment", 64, 50)
@@ -34,7 +37,8 @@ def one(method: str, autocast: bool, steps: int) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, spec.warmup_ratio))
     rss = []
     for step, batch in enumerate(task.train_batches(0, steps, 16), 1):
-        train_step(pm, opt, sched, after_step, batch, step, spec.max_grad_norm, autocast)
+        train_step(pm, opt, sched, after_step, batch, step, spec.max_grad_norm,
+                   Precision("cpu", torch.bfloat16 if autocast else None))
         if step % 10 == 0:
             rss.append(round(rss_mb()))
             # A partial line every 10 steps, so a run cut short by a time limit still reports (the last line counts).

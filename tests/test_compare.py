@@ -8,11 +8,19 @@ import json
 import pytest
 import torch
 
-from l1ra.app import compare
-from l1ra.app.compare import ADALORA_SETTINGS, RunSpec
-from l1ra.app.compare_run import lr_lambda, resolve_device, run_one, wrap_model
+from l1ra.app.compare.adapters import wrap_model
+from l1ra.app.compare.cli import add_arguments, main as compare_main, parse_methods, parse_seeds
+from l1ra.app.compare.loop import Precision, lr_lambda, resolve_device
+from l1ra.app.compare.measure import rss_mb
+from l1ra.app.compare.methods import ADALORA_SETTINGS, DEFAULT_METHODS, TUNED_L1RA
+from l1ra.app.compare.plan import RunSpec, beyond_edge, make_plan, plan_runs, spec_hash
+from l1ra.app.compare.render import plot_task, render_markdown
+from l1ra.app.compare.results import final_runs
+from l1ra.app.compare.runner import machine_info, run_compare, run_isolated
+from l1ra.app.compare.stats import paired_vs_lora, summarize, t_interval
+from l1ra.app.compare.tasks import Task, carve_dev, shuffled_batches
+from l1ra.app.compare.worker import build_task, run_one
 from l1ra.history import mean_rank_by_type as by_module_type, module_type
-from l1ra.app.compare_tasks import build_task, carve_dev
 
 STEPS = 10
 TRAINED = ("lora", "adalora", "adalora_paper", "l1ra", "l1ra_tuned", "l1ra_nol1", "l1ra_gates", "l1ra_prune", "l1ra_params", "dora")
@@ -51,7 +59,7 @@ def runs(tiny):
 
 def parser():
     p = argparse.ArgumentParser()
-    compare.add_arguments(p)
+    add_arguments(p)
     return p
 
 
@@ -61,8 +69,8 @@ def tuned(tmp_path_factory):
     on the test split."""
     out = tmp_path_factory.mktemp("tuned")
     args = parser().parse_args(["--task", "tiny", "--tune", "--seeds", "1", "--in-process"])
-    plan = compare.make_plan(args)
-    results = compare.run_compare(plan, out, isolate=False, log=lambda m: None)
+    plan = make_plan(args)
+    results = run_compare(plan, out, isolate=False, log=lambda m: None)
     return plan, results, out
 
 
@@ -70,7 +78,7 @@ def test_every_method_beats_the_untrained_model(tuned):
     """Each row, at its best dev lr, recovers at least half of LoRA's gain over the untrained model on the test split
     (AdaLoRA at a shared small lr did not: see the next test)."""
     _, results, _ = tuned
-    score = {r["method"]: r["score"] for r in compare.final_runs(results)}
+    score = {r["method"]: r["score"] for r in final_runs(results)}
     gain = score["base"] - score["lora"]
     assert gain > 0.5  # loss: the task is learnable
     for method in TRAINED[:-1]:
@@ -79,7 +87,7 @@ def test_every_method_beats_the_untrained_model(tuned):
 
 def test_the_gates_only_row_never_reallocates(tuned):
     _, results, _ = tuned
-    (run,) = [r for r in compare.final_runs(results) if r["method"] == "l1ra_gates"]
+    (run,) = [r for r in final_runs(results) if r["method"] == "l1ra_gates"]
     assert run["l1ra"]["config"]["l1ra_lambda"] == 0.0
     assert (run["l1ra"]["reallocations"], run["l1ra"]["ranks_pruned"], run["l1ra"]["ranks_added"]) == (0, 0, 0)
     assert run["l1ra"]["gate_quantiles"]["min"] < 1.0, "the gates trained"
@@ -106,10 +114,10 @@ def test_tuning_uses_the_dev_split_and_each_method_gets_its_best_lr(tuned):
         assert set(plan.lr_grid) <= set(scores) and len(scores) <= len(plan.lr_grid) + plan.tune_extend
         grid_only = {lr: scores[lr] for lr in plan.lr_grid}
         if len(scores) < len(plan.lr_grid) + plan.tune_extend:  # stopped extending: the best is inside what it tried
-            assert compare.beyond_edge(scores, higher_is_better=False) is None, (method, scores)
-        if compare.beyond_edge(grid_only, higher_is_better=False) is not None:
+            assert beyond_edge(scores, higher_is_better=False) is None, (method, scores)
+        if beyond_edge(grid_only, higher_is_better=False) is not None:
             assert len(scores) > len(plan.lr_grid), f"{method}: best at the grid's edge, but nothing tried beyond"
-        (final,) = [r for r in compare.final_runs(results) if r["method"] == method]
+        (final,) = [r for r in final_runs(results) if r["method"] == method]
         assert final["split"] == "test" and final["spec"]["lr"] == t["best_lr"]
     assert len(dev) == sum(len(t["grid"]) for t in best.values())
     assert results["summary"]["tiny"]["splits"] == {
@@ -122,7 +130,7 @@ def test_tuning_uses_the_dev_split_and_each_method_gets_its_best_lr(tuned):
 
 
 def test_tuning_looks_beyond_an_edge_of_the_grid():
-    edge = compare.beyond_edge
+    edge = beyond_edge
     grid = {3e-4: 0.57, 1e-3: 0.58, 3e-3: 0.80}  # AdaLoRA on the sentiment dev split: best at the top
     assert edge(grid, higher_is_better=True) == 9e-3  # one step of the outermost ratio (x3)
     assert edge({**grid, 1e-2: 0.81}, higher_is_better=True) == 3.33e-2
@@ -130,7 +138,7 @@ def test_tuning_looks_beyond_an_edge_of_the_grid():
     assert edge({1e-4: 1.0, 2e-4: 1.1, 5e-4: 1.2}, higher_is_better=False) == 5e-5  # loss: best at the bottom
     assert edge({1e-3: 0.57, 3e-3: 0.57, 1e-2: 0.50}, higher_is_better=True) is None  # a tie at the bottom: no
     with pytest.raises(ValueError, match="--tune-extend"):
-        compare.make_plan(parser().parse_args(["--task", "tiny", "--tune", "--tune-extend", "-1"]))
+        make_plan(parser().parse_args(["--task", "tiny", "--tune", "--tune-extend", "-1"]))
 
 
 def test_dev_split_is_seeded_and_never_trained_on(tiny):
@@ -140,15 +148,14 @@ def test_dev_split_is_seeded_and_never_trained_on(tiny):
     assert {r["i"] for r in train}.isdisjoint(r["i"] for r in dev)
     with pytest.raises(ValueError, match="--dev-size"):
         carve_dev(rows, 50)
-    # the tiny task's dev examples never appear in a training batch
-    dev_ids = {tuple(e["input_ids"]) for e in tiny.extra["dev"]}
+    # the tiny task trains on its 64 distinct examples minus the 16 carved for dev: 40 batches of 4 (2.5 epochs) cover
+    # every training example, and only those
     seen = {tuple(row.tolist()) for b in tiny.train_batches(0, 40, 4) for row in b["input_ids"]}
-    assert len(dev_ids) == 16 and seen.isdisjoint(dev_ids)
-    assert len(seen) == 48  # 40 batches of 4 cover every training example, and only those
+    assert (tiny.splits["train"]["size"], tiny.splits["dev"]["size"]) == (48, 16) and len(seen) == 48
 
 
 def test_rows_are_the_settings_they_claim():
-    plan = compare.make_plan(parser().parse_args(["--task", "tiny", "--quick", "--dora"]))
+    plan = make_plan(parser().parse_args(["--task", "tiny", "--quick", "--dora"]))
     specs = {s.method: s for s in plan.final_specs({})}
     assert list(specs) == ["base", "lora", "adalora", "adalora_paper", "l1ra", "l1ra_tuned", "l1ra_nol1",
                            "l1ra_gates", "l1ra_prune", "l1ra_params", "dora"]
@@ -164,13 +171,11 @@ def test_rows_are_the_settings_they_claim():
     assert (specs["adalora_paper"].adalora_orth_reg_weight, specs["adalora_paper"].adalora_delta_t) == (0.1, 10)
     assert specs["base"].lr == 0.0
     with pytest.raises(ValueError, match="head_only"):
-        compare.make_plan(parser().parse_args(["--task", "tiny", "--methods", "lora,head_only"]))
+        make_plan(parser().parse_args(["--task", "tiny", "--methods", "lora,head_only"]))
 
 
 def test_head_only_trains_the_classification_head_alone():
     from transformers import BertConfig, BertForSequenceClassification
-
-    from l1ra.app.compare_tasks import Task
 
     cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=48, max_position_embeddings=32, num_labels=2)
@@ -190,11 +195,25 @@ def test_a_field_added_later_keeps_the_hash_of_recorded_runs():
     import hashlib
 
     s = spec("l1ra_tuned", l1ra_lambda=0.1)
-    before_the_field = {k: v for k, v in dataclasses.asdict(s).items() if k != "receiver_signal"}
-    assert compare.spec_hash(s) == hashlib.sha256(json.dumps(before_the_field, sort_keys=True).encode()).hexdigest()[:16]
+    before_the_field = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("receiver_signal", "user_data")}
+    assert spec_hash(s) == hashlib.sha256(json.dumps(before_the_field, sort_keys=True).encode()).hexdigest()[:16]
     other = dataclasses.replace(s, receiver_signal="sensitivity")
-    assert compare.spec_hash(other) != compare.spec_hash(s)
+    assert spec_hash(other) != spec_hash(s)
     assert RunSpec(**other.to_dict()) == other and RunSpec(**s.to_dict()) == s
+    mine = dataclasses.replace(s, task="dataset", user_data={"file": "/d/qa.jsonl", "sha256": "0" * 16})
+    assert spec_hash(mine) != spec_hash(s) and RunSpec(**mine.to_dict()) == mine
+
+
+def test_the_recorded_comparisons_keep_their_keys():
+    """The shipped results.json files are read and resumed by spec key: every recorded run's spec still hashes to the
+    key it was recorded under."""
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "benchmarks" / "compare").glob("*/results.json"))
+    assert files
+    for path in files:
+        for run in json.loads(path.read_text())["runs"]:
+            assert spec_hash(RunSpec(**run["spec"])) == run["spec_hash"], (path, run["method"], run["seed"])
 
 
 def test_the_sensitivity_receivers_reach_the_run(tiny):
@@ -300,19 +319,19 @@ def test_module_type_tells_bert_dense_layers_apart():
 
 
 def test_plan_interleaves_and_rotates_methods():
-    order = compare.plan_runs(["lora", "adalora", "l1ra"], [0, 1, 2])
+    order = plan_runs(["lora", "adalora", "l1ra"], [0, 1, 2])
     assert order[:3] == [(0, "lora"), (0, "adalora"), (0, "l1ra")]
     assert order[3:6] == [(1, "adalora"), (1, "l1ra"), (1, "lora")]
     assert [m for s, m in order if s == 2][0] == "l1ra"
 
 
 def test_argument_parsing_errors_name_the_flag():
-    assert compare.parse_seeds("3") == [0, 1, 2] and compare.parse_seeds("0,5") == [0, 5]
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("0,5") == [0, 5]
     with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):
-        compare.parse_seeds("0")
+        parse_seeds("0")
     with pytest.raises(argparse.ArgumentTypeError, match="--methods.*bogus"):
-        compare.parse_methods("lora,bogus")
-    assert compare.parse_methods("LoRA,l1ra-prune") == ["lora", "l1ra_prune"]
+        parse_methods("lora,bogus")
+    assert parse_methods("LoRA,l1ra-prune") == ["lora", "l1ra_prune"]
 
 
 def test_summary_markdown_and_figure(runs, tmp_path):
@@ -321,7 +340,7 @@ def test_summary_markdown_and_figure(runs, tmp_path):
         for method, r in runs.items():
             fake.append(dict(r, method=method.replace("l1ra", "l1ra_tuned", 1) if method == "l1ra" else method,
                              seed=seed, score=r["score"] + 0.01 * seed * (method == "l1ra")))
-    summary = compare.summarize(fake)["tiny"]
+    summary = summarize(fake)["tiny"]
     assert summary["methods"]["lora"]["step_ratio"] == (1.0, 0.0)
     assert summary["methods"]["lora"]["mem_ratio"] == (1.0, 0.0)
     tuned = summary["methods"]["l1ra_tuned"]
@@ -332,26 +351,26 @@ def test_summary_markdown_and_figure(runs, tmp_path):
                                        "l1ra_tuned_step_ratio_le_1.03", "l1ra_params_params_le_lora"}
     assert summary["targets"]["l1ra_params_params_le_lora"] is True
     results = {"command": "l1ra compare --task tiny", "date": "2025-01-01T00:00:00", "runs": fake, "failures": [],
-               "machine": compare.machine_info(2), "memory_method": "test", "summary": {"tiny": summary}}
-    md = compare.render_markdown(results)
+               "machine": machine_info(2), "memory_method": "test", "summary": {"tiny": summary}}
+    md = render_markdown(results)
     assert "| LoRA |" in md and "| AdaLoRA (PEFT defaults) |" in md and "| L1RA prune-only |" in md
     assert "Targets" in md and "95% CI" in md
     assert "L1RA tuned: lambda 10, eta_c 0.05, L1 from step 1, reallocation every 3 steps." in md
-    compare.plot_task(results, "tiny", tmp_path / "tiny.png")
+    plot_task(results, "tiny", tmp_path / "tiny.png")
     assert (tmp_path / "tiny.png").stat().st_size > 1000
 
 
 def test_paired_differences_and_their_t_interval():
-    mean, low, high = compare.t_interval([1.0, 2.0, 3.0])
+    mean, low, high = t_interval([1.0, 2.0, 3.0])
     half = 4.303 * 1.0 / 3 ** 0.5
     assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
-    assert compare.t_interval([1.0])[1] != compare.t_interval([1.0])[1]  # nan: no interval from one seed
+    assert t_interval([1.0])[1] != t_interval([1.0])[1]  # nan: no interval from one seed
     acc = lambda seed, score: {"seed": seed, "score": score, "higher_is_better": True, "score_name": "accuracy"}  # noqa
     lora = {0: acc(0, 0.80), 1: acc(1, 0.82), 2: acc(2, 0.81)}
-    vs = compare.paired_vs_lora([acc(0, 0.81), acc(1, 0.84), acc(2, 0.81), acc(7, 0.99)], lora)
+    vs = paired_vs_lora([acc(0, 0.81), acc(1, 0.84), acc(2, 0.81), acc(7, 0.99)], lora)
     assert vs["seeds"] == [0, 1, 2] and vs["differences"] == pytest.approx([1.0, 2.0, 0.0])  # points, seed 7 unpaired
     loss = lambda seed, score: {"seed": seed, "score": score, "higher_is_better": False, "score_name": "loss"}  # noqa
-    vs = compare.paired_vs_lora([loss(0, 1.0), loss(1, 1.2)], {0: loss(0, 1.1), 1: loss(1, 1.1)})
+    vs = paired_vs_lora([loss(0, 1.0), loss(1, 1.2)], {0: loss(0, 1.1), 1: loss(1, 1.1)})
     assert vs["differences"] == pytest.approx([0.1, -0.1])  # lower loss than LoRA is positive
 
 
@@ -378,48 +397,44 @@ def test_cli_end_to_end_in_process(tmp_path):
 def test_isolated_run_in_its_own_process(tmp_path):
     # the parent holds ~400 MiB that an isolated run must not count as its own peak
     ballast = torch.ones(100 * 2**20)  # 400 MiB, touched
-    from l1ra.app.compare_run import rss_mb
-
     parent = rss_mb()
-    result = compare.run_isolated(spec("l1ra", steps=3), tmp_path / "run.log")
+    result = run_isolated(spec("l1ra", steps=3), tmp_path / "run.log")
     assert result["method"] == "l1ra" and result["peak_rss_mb"] < parent - 300
     del ballast
     with pytest.raises(RuntimeError, match="failed"):
-        compare.run_isolated(spec("l1ra", steps=3, rank=0), tmp_path / "bad.log")
+        run_isolated(spec("l1ra", steps=3, rank=0), tmp_path / "bad.log")
 
 
 def test_two_jobs_run_side_by_side(tmp_path):
     # Long enough (seconds of training each) that the jitter of two process start-ups (~1 s) cannot separate them:
     # with 40 steps the trainings took ~0.4 s and a fresh-clone run once missed the overlap by 5 ms.
     specs = [spec("lora", steps=400), spec("l1ra", steps=400)]
-    results = compare.run_compare(specs, tmp_path, isolate=True, jobs=2, log=lambda m: None)
+    results = run_compare(specs, tmp_path, isolate=True, jobs=2, log=lambda m: None)
     (a0, a1), (b0, b1) = (r["train_interval"] for r in results["runs"])
     assert a0 < b1 and b0 < a1, "the two runs' training overlapped in time"
     assert results["sittings"][-1]["jobs"] == 2
 
 
-def test_make_specs_rejects_a_run_without_lora():
+def test_plan_rejects_a_run_without_lora():
     p = parser()
     args = p.parse_args(["--task", "tiny", "--methods", "l1ra,adalora"])
     with pytest.raises(ValueError, match="--methods must include lora"):
-        compare.make_specs(args)
+        make_plan(args).final_specs({})
     with pytest.raises(ValueError, match="--jobs"):
-        compare.make_plan(p.parse_args(["--task", "tiny", "--jobs", "2", "--in-process"]))
+        make_plan(p.parse_args(["--task", "tiny", "--jobs", "2", "--in-process"]))
     args = p.parse_args(["--task", "tiny", "--quick", "--dora"])
-    specs = compare.make_specs(args)
-    assert {s.method for s in specs} == set(compare.DEFAULT_METHODS) - {"head_only"} | {"dora"}
+    specs = make_plan(args).final_specs({})
+    assert {s.method for s in specs} == set(DEFAULT_METHODS) - {"head_only"} | {"dora"}
     assert {s.seed for s in specs} == {0}
 
 
 def test_l1ra_short_run_settings_apply_unless_a_flag_overrides():
-    from l1ra.app.compare_tasks import SHORT_RUN_L1RA
-
     p = parser()
-    (spec_default,) = [s for s in compare.make_specs(p.parse_args(["--task", "tiny", "--quick"]))
+    (spec_default,) = [s for s in make_plan(p.parse_args(["--task", "tiny", "--quick"])).final_specs({})
                        if s.method == "l1ra_tuned"]
-    assert {k: getattr(spec_default, k) for k in SHORT_RUN_L1RA} == SHORT_RUN_L1RA
+    assert {k: getattr(spec_default, k) for k in TUNED_L1RA} == TUNED_L1RA
     args = p.parse_args(["--task", "tiny", "--quick", "--l1ra-lambda", "0.1", "--eta-c", "0.02", "--l1-start", "0"])
-    (paper,) = [s for s in compare.make_specs(args) if s.method == "l1ra_tuned"]
+    (paper,) = [s for s in make_plan(args).final_specs({}) if s.method == "l1ra_tuned"]
     assert (paper.l1ra_lambda, paper.eta_c, paper.l1_start) == (0.1, 0.02, 0.0)
 
 
@@ -434,17 +449,16 @@ def test_device_choice():
     assert pick() == ("cpu", torch.bfloat16)
     assert pick(low_precision=False) == ("cpu", None)
     assert pick(cpu_bf16=False) == ("cpu", None)  # emulated bf16 is slower than fp32
-    from l1ra.app.compare_run import cpu_has_fast_bf16
+    # one decision for the whole application: without flags, the CPU's bf16 is `l1ra train`'s (l1ra.app.devices)
+    from l1ra.app import devices
 
-    assert cpu_has_fast_bf16({"avx2", "avx512_bf16"}) and cpu_has_fast_bf16({"fp", "asimd", "bf16"})
-    assert not cpu_has_fast_bf16({"avx2", "avx512f"})
+    native = devices.cpu_bf16_native()
+    assert resolve_device("cpu")[1] == (torch.bfloat16 if native else None)
     assert pick(cuda_available=True, low_precision=False) == ("cuda", None)
     with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA"):
         pick("cuda")
     with pytest.raises(ValueError, match="--device 'tpu'"):
         pick("tpu")
-    from l1ra.app.compare_run import Precision
-
     assert Precision("cpu", torch.bfloat16).scaler is None
     assert Precision("cuda", torch.float16).scaler is not None
 
@@ -470,8 +484,6 @@ def test_first_step_is_identical_for_lora_and_l1ra_even_with_a_fresh_head():
     # dropout stream give the same loss. A model whose head is drawn at load time (like MiniLM + classifier).
     from transformers import BertConfig, BertForSequenceClassification
 
-    from l1ra.app.compare_tasks import Task, _shuffled_batches
-
     cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=48, max_position_embeddings=32, num_labels=2)
     rows = [{"input_ids": torch.randint(0, 64, (8,)), "label": i % 2} for i in range(16)]
@@ -483,7 +495,7 @@ def test_first_step_is_identical_for_lora_and_l1ra_even_with_a_fresh_head():
     task = Task(
         name="tiny-bert", score_name="acc", higher_is_better=True, task_type="SEQ_CLS",
         target_modules=["query", "key", "value", "dense"], load_model=lambda: BertForSequenceClassification(cfg),
-        train_batches=lambda seed, steps, bs: _shuffled_batches(rows, seed, steps, bs, collate),
+        train_batches=lambda seed, steps, bs: shuffled_batches(rows, seed, steps, bs, collate),
         evaluate=lambda model, *a: {"acc": 0.5},
     )
     torch.manual_seed(123)  # the global RNG state differs between calls: run_one must not depend on it
@@ -494,18 +506,28 @@ def test_first_step_is_identical_for_lora_and_l1ra_even_with_a_fresh_head():
 
 
 def test_from_results_rerenders_an_interrupted_comparison(runs, tmp_path):
-    partial = {"command": "l1ra compare --task tiny", "date": "2025-01-01T00:00:00", "machine": compare.machine_info(1),
+    partial = {"command": "l1ra compare --task tiny", "date": "2025-01-01T00:00:00", "machine": machine_info(1),
                "memory_method": "test", "runs": [runs["lora"], runs["l1ra"]]}
     src = tmp_path / "partial.json"
     src.write_text(json.dumps(partial))
-    assert compare.main(["--task", "tiny", "--from-results", str(src), "--output-dir", str(tmp_path / "out")]) == 0
+    assert compare_main(["--task", "tiny", "--from-results", str(src), "--output-dir", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| L1RA (library defaults) |" in md and "| AdaLoRA" not in md
 
 
+def test_the_shared_lr_is_a_trained_rows_not_bases(runs):
+    # base trains nothing (its spec's lr is 0); listed first, it used to make the report say "Learning rate: 0"
+    lora = runs["lora"]
+    base = dict(lora, method="base", spec=dict(lora["spec"], method="base", lr=0.0))
+    results = {"date": "2025-01-01T00:00:00", "machine": machine_info(1), "memory_method": "test",
+               "runs": [base, lora], "failures": []}
+    results["summary"] = summarize(final_runs(results))
+    assert f"Learning rate: {lora['spec']['lr']:g} for every method (not tuned)" in render_markdown(results)
+
+
 def test_interleaved_step_timing_feeds_the_ratio_column(tmp_path):
     specs = [spec(m, steps=4) for m in ("lora", "l1ra")]
-    results = compare.run_compare(specs, tmp_path, isolate=False, timing_steps=3, log=lambda m: None)
+    results = run_compare(specs, tmp_path, isolate=False, timing_steps=3, log=lambda m: None)
     timing = results["step_timing"]["tiny"]["methods"]
     assert len(timing["lora"]["step_times_s"]) == 3 and timing["lora"]["ratio_median"] == 1.0
     assert results["summary"]["tiny"]["methods"]["l1ra"]["step_ratio"][0] == timing["l1ra"]["ratio_median"]
@@ -515,9 +537,9 @@ def test_interleaved_step_timing_feeds_the_ratio_column(tmp_path):
 def test_step_timing_covers_the_rows_of_earlier_sittings(tmp_path):
     # A second sitting with other rows must not drop the first sitting's rows from the interleaved timing: the table
     # shows every row, so every row's ratio must come from the same process.
-    compare.run_compare([spec(m, steps=3) for m in ("lora", "l1ra")], tmp_path, isolate=False, timing_steps=2,
+    run_compare([spec(m, steps=3) for m in ("lora", "l1ra")], tmp_path, isolate=False, timing_steps=2,
                         log=lambda m: None)
-    results = compare.run_compare([spec(m, steps=3) for m in ("lora", "l1ra_nol1")], tmp_path, isolate=False,
+    results = run_compare([spec(m, steps=3) for m in ("lora", "l1ra_nol1")], tmp_path, isolate=False,
                                   timing_steps=2, log=lambda m: None)
     timing = results["step_timing"]["tiny"]
     assert timing["methods"].keys() == {"lora", "l1ra", "l1ra_nol1"} and list(timing["methods"])[0] == "lora"

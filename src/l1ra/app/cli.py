@@ -229,7 +229,8 @@ class UserError(Exception):
 # (torch, for compare) must not slow `l1ra --help` or the other commands' argument errors. The module defines
 # `add_parser(subparsers)` and may define `USER_ERRORS`, a tuple of exception types reported as one-line errors.
 PLUGINS = {
-    "compare": ("l1ra.app.compare", "L1RA vs LoRA, AdaLoRA (and DoRA) on real tasks: same budget, data, steps, seeds"),
+    "compare": ("l1ra.app.compare", "L1RA vs LoRA, AdaLoRA (and DoRA) on a built-in task or your data: same budget, "
+                "data, steps, seeds"),
     "export": ("l1ra.app.export_cmd", "write the adapter for another engine (uniform rank, llama.cpp GGUF) or a "
                "smaller budget"),
 }

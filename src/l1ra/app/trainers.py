@@ -175,8 +175,8 @@ class _HeldOut:
     def train_tokens(self) -> int:
         """Non-padding tokens trained on so far, summed over all processes (the global batch); under DDP every
         process must call it (an all-reduce)."""
-        count = self._train_tokens if self._train_tokens is not None else torch.zeros((), dtype=torch.long)
-        count = count.to(self.args.device)
+        # a device tensor (summed attention masks) or a host int (inputs without a mask)
+        count = torch.as_tensor(self._train_tokens or 0).to(device=self.args.device, dtype=torch.long)
         if self.accelerator.num_processes > 1:
             count = self.accelerator.reduce(count, reduction="sum")
         return int(count)
