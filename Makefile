@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-llama-cpp run install smoke
+.PHONY: test test-fast test-llama-cpp run install smoke
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not llama_cpp"
+
+# After every change: everything but the tests marked slow (processes, training runs of several seconds).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not llama_cpp and not slow"
 
 # llama.cpp itself (through llama-cpp-python, built once from its PyPI sdist with cmake: ~15 min on 2 cores, then
 # cached in ~/.cache/l1ra/llama-cpp) and its own converter scripts from the same sdist. The tests that need them are

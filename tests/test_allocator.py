@@ -11,6 +11,7 @@ gate_value = st.sampled_from([0.0, 0.0, 0.3, 0.7, 1.0]) | st.floats(0, 1)
 gate_vectors = st.lists(st.lists(gate_value, min_size=1, max_size=8), min_size=1, max_size=10)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(
     gates=gate_vectors,
@@ -100,6 +101,7 @@ def test_reallocation_schedule(step, interval, total, due):
 costs_st = st.integers(1, 40)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(
     data=st.data(),
@@ -135,6 +137,7 @@ def test_parameter_budget_is_never_exceeded_and_the_leftover_buys_no_rank(
         assert all(bool(g[i] <= threshold) for i in set(range(len(g))) - set(plan.keep))
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(gates=gate_vectors, cost=costs_st, exclude_pruned=st.booleans(), use_cap=st.booleans())
 def test_equal_costs_give_exactly_the_rank_plan(gates, cost, exclude_pruned, use_cap):

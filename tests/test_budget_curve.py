@@ -21,6 +21,7 @@ def tiny_run(tiny_llm, qa_jsonl, tmp_path_factory):  # noqa: F811
     return out
 
 
+@pytest.mark.slow
 def test_curve_scores_the_runs_heldout_set(tiny_run, capsys):
     assert main(["export", str(tiny_run), "--curve"]) == 0
     printed = capsys.readouterr().out
@@ -52,6 +53,7 @@ def test_curve_scores_the_runs_heldout_set(tiny_run, capsys):
     assert smallest["heldout_loss"] != pytest.approx(full["heldout_loss"], abs=1e-7)
 
 
+@pytest.mark.slow
 def test_curve_chosen_fractions_and_the_saved_adapter(tiny_run, capsys):
     first = {p["budget"]: p for p in json.loads((tiny_run / "budget_curve.json").read_text())["points"]}
     metrics = json.loads((tiny_run / "metrics.json").read_text())

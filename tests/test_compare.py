@@ -74,6 +74,7 @@ def tuned(tmp_path_factory):
     return plan, results, out
 
 
+@pytest.mark.slow
 def test_every_method_beats_the_untrained_model(tuned):
     """Each row, at its best dev lr, recovers at least half of LoRA's gain over the untrained model on the test split
     (AdaLoRA at a shared small lr did not: see the next test)."""
@@ -394,6 +395,7 @@ def test_cli_end_to_end_in_process(tmp_path):
     assert len(results["sittings"]) == 2 and len(results["summary"]["tiny"]["methods"]["lora"]["seeds"]) == 3
 
 
+@pytest.mark.slow
 def test_isolated_run_in_its_own_process(tmp_path):
     # the parent holds ~400 MiB that an isolated run must not count as its own peak
     ballast = torch.ones(100 * 2**20)  # 400 MiB, touched
@@ -405,6 +407,7 @@ def test_isolated_run_in_its_own_process(tmp_path):
         run_isolated(spec("l1ra", steps=3, rank=0), tmp_path / "bad.log")
 
 
+@pytest.mark.slow
 def test_two_jobs_run_side_by_side(tmp_path):
     # Long enough (seconds of training each) that the jitter of two process start-ups (~1 s) cannot separate them:
     # with 40 steps the trainings took ~0.4 s and a fresh-clone run once missed the overlap by 5 ms.
@@ -525,6 +528,7 @@ def test_the_shared_lr_is_a_trained_rows_not_bases(runs):
     assert f"Learning rate: {lora['spec']['lr']:g} for every method (not tuned)" in render_markdown(results)
 
 
+@pytest.mark.slow
 def test_interleaved_step_timing_feeds_the_ratio_column(tmp_path):
     specs = [spec(m, steps=4) for m in ("lora", "l1ra")]
     results = run_compare(specs, tmp_path, isolate=False, timing_steps=3, log=lambda m: None)
@@ -534,6 +538,7 @@ def test_interleaved_step_timing_feeds_the_ratio_column(tmp_path):
     assert "side by side" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_step_timing_covers_the_rows_of_earlier_sittings(tmp_path):
     # A second sitting with other rows must not drop the first sitting's rows from the interleaved timing: the table
     # shows every row, so every row's ratio must come from the same process.

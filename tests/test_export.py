@@ -29,6 +29,7 @@ def trained(arch, tmp_path):
     return model, batch
 
 
+@pytest.mark.slow
 def test_vanilla_peft_loads_every_arch_with_the_same_logits(tmp_path):
     expected = {}
     for arch in ("llama", "gpt2", "bert"):

@@ -119,6 +119,7 @@ def load_in_vanilla_peft(run, folders):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["run", "rslora_run"])
 def test_every_format_and_budget_loads_in_vanilla_peft_with_the_promised_logits(which, request, tmp_path):
     run = request.getfixturevalue(which)

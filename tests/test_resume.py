@@ -26,6 +26,7 @@ def _trainer_cmd(out: Path, *extra: str) -> list[str]:
             "--save-steps", str(SAVE_STEPS), *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_between_checkpoints_then_resume_equals_uninterrupted_run(tmp_path):
     full_out, killed_out = tmp_path / "full", tmp_path / "killed"
     env = _env()

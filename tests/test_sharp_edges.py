@@ -42,6 +42,7 @@ def _set_random_grads(params, generator, scale=1e-2):
 # 1. New ranks' optimizer state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer_cls", [torch.optim.AdamW, torch.optim.Adam])
 def test_a_new_rank_after_a_long_run_steps_like_a_fresh_adam(optimizer_cls):
     """After 3,000 steps, a new B column's first update is at most 1.5x what a fresh AdamW does on the same gradient
@@ -221,6 +222,7 @@ def test_peft_paths_that_read_the_delta_weight_include_the_gate(arch):
     torch.testing.assert_close(logits(merged, batch), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_gated_layers_survive_pickling_into_a_fresh_process(tmp_path):
     import subprocess
     import sys
@@ -438,6 +440,7 @@ def test_a_4bit_base_trains_reallocates_saves_and_loads_in_plain_peft(tmp_path):
     assert (logits(model, batch) - expected).abs().max() < 0.2
 
 
+@pytest.mark.slow
 def test_l1ra_train_load_in_4bit_trains_a_4bit_base_and_merges_into_the_full_precision_one(tiny_llm_4bit, qa_jsonl,
                                                                                            tmp_path):
     """`l1ra train --load-in-4bit`: TRL's SFTTrainer casts a quantized model's trainable parameters to bf16; the run
@@ -467,6 +470,7 @@ def test_l1ra_train_load_in_4bit_trains_a_4bit_base_and_merges_into_the_full_pre
         assert got.dtype == torch.float32 and torch.equal(got, want), name
 
 
+@pytest.mark.slow
 def test_load_in_4bit_without_bitsandbytes_names_the_extra(tmp_path):
     import subprocess
     import sys

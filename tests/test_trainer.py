@@ -27,6 +27,7 @@ def args(tmp_path, **overrides):
     return TrainingArguments(**values)
 
 
+@pytest.mark.slow
 def test_trainer_with_gradient_accumulation_reallocates_per_optimizer_step(tmp_path):
     model = build("llama", update_every=2, l1ra_lambda=20.0, eta_c=0.1)
     callback = l1ra.L1RACallback()
@@ -51,6 +52,7 @@ def test_trainer_built_optimizer_is_flagged(tmp_path):
         trainer.train()
 
 
+@pytest.mark.slow
 def test_trainer_checkpoint_is_a_peft_adapter_and_resumes(tmp_path):
     model = build("llama", update_every=2, l1ra_lambda=20.0, eta_c=0.1)
     trainer = Trainer(
@@ -82,6 +84,7 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
+@pytest.mark.slow
 def test_trl_sft_trainer(tmp_path):
     trl = pytest.importorskip("trl")
     g = torch.Generator().manual_seed(0)
