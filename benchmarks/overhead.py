@@ -24,6 +24,9 @@ import torch
 sys.path.insert(0, "src")
 
 
+SHAPE = {}  # --batch-size / --seq-len overrides (a quick run: benchmarks/gpu_check.sh --cpu-dry-run)
+
+
 def load(name: str, device):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -38,6 +41,7 @@ def load(name: str, device):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         targets, task, batch_size, length = "all-linear", "CAUSAL_LM", 8, 128
     tok = AutoTokenizer.from_pretrained(path)
+    batch_size, length = SHAPE.get("batch_size", batch_size), SHAPE.get("seq_len", length)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, min(tok.vocab_size, 20000), (batch_size, length), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -120,7 +124,7 @@ def peak_memory(name: str, method: str, device, autocast: bool, steps: int = 3) 
             step(*run, batch, device, autocast)
         return float(torch.cuda.max_memory_allocated())
     code = (
-        "import sys, resource, torch; sys.path.insert(0, 'benchmarks'); import overhead as o; "
+        f"import sys, resource, torch; sys.path.insert(0, 'benchmarks'); import overhead as o; o.SHAPE.update({SHAPE!r}); "
         f"torch.set_num_threads({torch.get_num_threads()}); "
         f"base, batch, kw = o.load({name!r}, torch.device('cpu')); run = o.build({method!r}, base, kw); "
         f"[o.step(*run, batch, torch.device('cpu'), {autocast}) for _ in range({steps})]; "
@@ -137,7 +141,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--batch-size", type=int, help="examples per batch (default: 16 MiniLM, 8 SmolLM2)")
+    parser.add_argument("--seq-len", type=int, help="tokens per example (default: 128)")
     args = parser.parse_args(argv)
+    SHAPE.update({k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len)) if v})
     device = torch.device(args.device)
     autocast = not args.no_bf16
     rows = []
