@@ -267,7 +267,9 @@ def _checked_module(name, layer, adapter, r, capacity, weights, raw, version, di
     size = capacity if version >= 2 else r
     if raw_a is None or gate is None or raw_a.shape != (size, in_f) or gate.shape != (size,):
         raise CheckpointError(f"{directory / STATE_TENSORS}: raw weights of {name} do not match rank {r}"
-                              + (f" in capacity {capacity}" if version >= 2 else ""))
+                              + (f" in this model's capacity {capacity} (resuming needs the capacity the checkpoint "
+                                 "was trained with: build the model with the same L1RAConfig max_rank)"
+                                 if version >= 2 else ""))
     if version < 2:
         return list(range(r))
     live = raw.get(f"{name}.live")
