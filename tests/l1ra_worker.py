@@ -75,8 +75,9 @@ def run_plain(args) -> None:
     optimizer = l1ra.create_optimizer(model, lr=2e-2)
     wrapped = DDP(model, find_unused_parameters=args.find_unused, static_graph=args.static_graph) if world > 1 else model
     per_rank = args.global_batch // world
+    live_before = l1ra.live_slots(model)
     extra = {"new_rank_grads": []}
-    rebuilt_reducers = set()
+    reducers = set()
     for step in range(1, args.steps + 1):
         batch = global_batch(step, args.global_batch)
         batch = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
@@ -88,11 +89,11 @@ def run_plain(args) -> None:
             grads = {}
             for name, layer in l1ra.find_l1ra_model(model).l1ra_state.layers:
                 if name in names:
-                    n_new = names[name]
+                    new = names[name]  # the revived slots
                     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
                     gate = layer.l1ra_gate["default"]
                     assert a.grad is not None and b.grad is not None and gate.grad is not None, name
-                    grads[name] = torch.cat([a.grad[-n_new:].flatten(), b.grad[:, -n_new:].flatten(), gate.grad[-n_new:]])
+                    grads[name] = torch.cat([a.grad[new].flatten(), b.grad[:, new].flatten(), gate.grad[new]])
             flat = torch.cat(list(grads.values())) if grads else torch.zeros(0)
             if world > 1:
                 gathered = [torch.zeros_like(flat) for _ in range(world)]
@@ -106,11 +107,13 @@ def run_plain(args) -> None:
         optimizer.step()
         event = l1ra.after_optimizer_step(wrapped, optimizer)
         optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            reducers.add(id(wrapped.reducer))
         if event is not None and event.added:
-            extra["pending_check"] = dict(event.added)
-            if world > 1:
-                rebuilt_reducers.add(id(wrapped.reducer))
-    extra["reducers_built"] = len(rebuilt_reducers)
+            live = l1ra.live_slots(model)
+            extra["pending_check"] = {n: sorted(set(live[n]) - set(live_before[n])) for n in event.added}
+        live_before = l1ra.live_slots(model)
+    extra["reducers_seen"] = len(reducers)
     write_result(Path(args.out), model, rank, extra)
     if world > 1:
         dist.barrier()
@@ -184,17 +187,16 @@ def run_trainer(args) -> None:
         model=model, args=targs, train_dataset=data,
         optimizers=(l1ra.create_optimizer(model, lr=2e-2), None), callbacks=callbacks,
     )
+    params_before = {n: id(p) for n, p in model.named_parameters() if p.requires_grad}
     trainer.train(resume_from_checkpoint=args.resume)
     # The optimizer trains the model's own parameters (after a resume whose ranks moved, too).
     opt_ids = {id(p) for g in trainer.optimizer.optimizer.param_groups for p in g["params"]} \
         if hasattr(trainer.optimizer, "optimizer") else {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     model_ids = {id(p) for p in model.parameters() if p.requires_grad}
     rank = int(os.environ.get("RANK", "0"))
-    import l1ra.distributed as l1ra_dist
-
     extra = {
         "optimizer_holds_model_params": opt_ids == model_ids,
-        "ddp_wrapper_found": l1ra_dist._WRAPPERS.get(model) is not None,
+        "params_never_replaced": {n: id(p) for n, p in model.named_parameters() if p.requires_grad} == params_before,
         "world_size": trainer.args.world_size,
         "gate_dtypes": sorted({str(g.dtype) for g in l1ra.gates(model).values()}),
     }
