@@ -137,3 +137,28 @@ def write_slots_(t: torch.Tensor, dim: int, index: torch.Tensor, values: torch.T
         return
     part = _narrow_to_shard(values, ranges, dim).to(device=shard.device, dtype=shard.dtype)
     shard.index_copy_(dim, idx, part.index_select(dim, keep))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving a sharded model
+
+
+def is_sharded(module) -> bool:
+    """Whether any parameter of `module` is a DTensor (FSDP2 `fully_shard`, tensor parallel)."""
+    return any(is_dtensor(p) for p in module.parameters())
+
+
+def process_index() -> int:
+    """This process's global rank (0 without an initialised process group)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def gather_full(tensors: dict) -> dict:
+    """`tensors` with every DTensor replaced by its full value (plain tensors kept as they are).
+
+    A collective when any value is a DTensor: every process calls it with the same keys in the same order (a module's
+    `state_dict()` and `named_parameters()` are in module order, the same on every process)."""
+    return {k: full(v) if is_dtensor(v) else v for k, v in tensors.items()}
