@@ -106,7 +106,7 @@ def _check_index(t: torch.Tensor, dim: int, index: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def fill_slots_(t: torch.Tensor, dim: int, index: torch.Tensor, value: Union[float, int, bool]) -> None:
+def fill_slots_(t: torch.Tensor, dim: int, index: torch.Tensor, value: Union[float, int, bool]) -> torch.Tensor:
     """In place: `t`'s slots `index` (global indices along `dim`) = `value`, each process in its own shard."""
     dim = dim % t.ndim
     _check_index(t, dim, index)
@@ -115,10 +115,11 @@ def fill_slots_(t: torch.Tensor, dim: int, index: torch.Tensor, value: Union[flo
     _, idx = _local_slots(index, start, stop, shard.device)
     if idx.numel() and shard.numel():
         shard.index_fill_(dim, idx, value)
+    return t
 
 
 @torch.no_grad()
-def write_slots_(t: torch.Tensor, dim: int, index: torch.Tensor, values: torch.Tensor) -> None:
+def write_slots_(t: torch.Tensor, dim: int, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """In place: `t`'s slots `index` (global indices along `dim`) = `values`, a full (global, unsharded) tensor of
     `t`'s shape with `len(index)` along `dim`, the same on every process. Each process copies its own part."""
     dim = dim % t.ndim
@@ -133,10 +134,10 @@ def write_slots_(t: torch.Tensor, dim: int, index: torch.Tensor, values: torch.T
     ranges = local_ranges(t)
     start, stop = ranges[dim]
     keep, idx = _local_slots(index, start, stop, shard.device)
-    if not idx.numel() or not shard.numel():
-        return
-    part = _narrow_to_shard(values, ranges, dim).to(device=shard.device, dtype=shard.dtype)
-    shard.index_copy_(dim, idx, part.index_select(dim, keep))
+    if idx.numel() and shard.numel():
+        part = _narrow_to_shard(values, ranges, dim).to(device=shard.device, dtype=shard.dtype)
+        shard.index_copy_(dim, idx, part.index_select(dim, keep))
+    return t
 
 
 # ---------------------------------------------------------------------------------------------------------------
