@@ -7,7 +7,7 @@ adapter receives. Applying the plan to the model lives in `l1ra.resize`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -43,7 +43,7 @@ def plan_reallocation(
     *,
     prune_threshold: float = 0.0,
     min_rank: int = 1,
-    max_rank: Optional[int] = None,
+    max_rank: Union[None, int, Sequence[int]] = None,
     reassign: bool = True,
     exclude_pruned: bool = True,
     costs: Optional[Sequence[int]] = None,
@@ -60,14 +60,21 @@ def plan_reallocation(
     `costs[i]`: what one rank of adapter i costs (default 1 each: the budget counts ranks; `in + out` counts LoRA
     parameters). `priority[i]`: replaces the smallest surviving gate as the receivers' order (largest first), e.g. a
     gradient signal. `budget`: the total to spend (default: what the gates cost now, `sum(costs[i] * len(gates[i]))`).
+    `max_rank`: the most ranks any adapter may hold, or one cap per adapter (e.g. each adapter's capacity).
     Afterwards `sum(costs[i] * plan.rank) <= budget`, and what is left is smaller than one rank of any adapter still
-    under `max_rank` (with unit costs nothing is left: the rank total stays exactly at the budget).
+    under its cap (with unit costs nothing is left: the rank total stays exactly at the budget).
     """
     costs = [1] * len(gates) if costs is None else [int(c) for c in costs]
     if len(costs) != len(gates) or any(c < 1 for c in costs):
         raise ValueError(f"costs must give one positive integer per adapter ({len(gates)}), got {costs}")
     if priority is not None and len(priority) != len(gates):
         raise ValueError(f"priority must give one number per adapter ({len(gates)}), got {len(priority)}")
+    if max_rank is None or isinstance(max_rank, (int, float)):
+        caps = [float("inf") if max_rank is None else max_rank] * len(gates)
+    else:
+        caps = list(max_rank)
+        if len(caps) != len(gates):
+            raise ValueError(f"max_rank must give one cap per adapter ({len(gates)}), got {len(caps)}")
     keeps = [prune_mask(g, prune_threshold, min_rank) for g in gates]
     kept = [int(k.sum()) for k in keeps]
     if budget is None:
@@ -80,18 +87,17 @@ def plan_reallocation(
         order = sorted(range(len(gates)), key=lambda i: -float(priority[i]))  # sorted() is stable: ties by index
         pruned = {i for i in range(len(gates)) if kept[i] < gates[i].numel()}
         tiers = [[i for i in order if i not in pruned], order] if exclude_pruned else [order]
-        cap = max_rank if max_rank is not None else float("inf")
         for tier in tiers:
             while True:
                 served = False
                 for i in tier:  # one round: each receiver that has room and can afford a rank takes one
-                    if kept[i] + n_new[i] < cap and costs[i] <= left:
+                    if kept[i] + n_new[i] < caps[i] and costs[i] <= left:
                         n_new[i] += 1
                         left -= costs[i]
                         served = True
                 if not served:
                     break
-        if left >= min(costs) and all(kept[i] + n_new[i] >= cap for i in range(len(gates))):
+        if left >= min(costs) and all(kept[i] + n_new[i] >= caps[i] for i in range(len(gates))):
             raise ValueError(f"max_rank={max_rank} leaves no room for the freed budget ({left}); raise max_rank.")
     return [
         AdapterPlan(keep=tuple(k.nonzero().flatten().tolist()), n_new=n) for k, n in zip(keeps, n_new)

@@ -8,8 +8,8 @@ import torch
 from transformers import TrainerCallback
 
 from . import distributed
-from .model import adopt_loaded_params, after_optimizer_step, find_l1ra_model, gate_learning_rates, gates
-from .optim import unwrap_optimizer
+from .model import after_optimizer_step, find_l1ra_model, gate_learning_rates, gates
+from .optim import install_seed_hook, unwrap_optimizer
 
 
 class L1RACallback(TrainerCallback):
@@ -28,9 +28,8 @@ class L1RACallback(TrainerCallback):
         distributed.check_not_sharded(model, optimizer, args)  # FSDP / DeepSpeed: refuse before anything else
         peft_model = find_l1ra_model(model)
         peft_model.l1ra_state.config.total_steps = state.max_steps
-        # On resume, load_adapter replaced parameters whose ranks moved after the optimizer was built.
-        adopt_loaded_params(peft_model, optimizer)
         opt = unwrap_optimizer(optimizer)
+        install_seed_hook(opt, peft_model.l1ra_state)  # revived slots (also those a resumed checkpoint left pending)
         restore_fp32_gates(peft_model, opt)
         live = list(gates(peft_model).values())
         gate_learning_rates(

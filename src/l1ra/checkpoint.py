@@ -1,9 +1,13 @@
 """Saving and loading.
 
-`save_pretrained` writes a standard PEFT LoRA adapter (gates folded into A, per-module ranks in `rank_pattern`,
-matching `alpha_pattern`) that any LoRA loader reads, plus two files that only resuming needs:
-`l1ra_state.safetensors` (raw A and gates: a gate at 0 wipes its row of the folded A) and `l1ra_state.json`
-(config, schedule position, rank history). Every file is written under a temporary name and renamed into place.
+`save_pretrained` writes a standard PEFT LoRA adapter with the LIVE ranks only, compacted (gates folded into A,
+per-module live ranks in `rank_pattern`, matching `alpha_pattern`) that any LoRA loader reads, plus two files that
+only resuming needs, in the model's capacity layout: `l1ra_state.safetensors` (raw A and gates of every slot: a gate
+at 0 wipes its row of the folded A; the live-slot mask; sensitivity sums) and `l1ra_state.json` (config, schedule
+position, rank history, revived slots still waiting for their optimizer seeding). B needs no copy: its live columns
+are the adapter's, its dead columns are zero. Loading expands the adapter back into capacity, so an optimizer state
+saved by position in capacity shapes (Trainer checkpoints) lines up exactly. Every file is written under a temporary
+name and renamed into place.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import math
 import os
 import shutil
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -28,14 +31,14 @@ from safetensors.torch import load_file, save_file
 from .atomic import default_mode
 from .config import L1RAConfig
 from .history import RankHistory
-from .resize import set_adapter_rank
-from .state import sync_lora_config
+from .slots import full
+from .state import live_lora_config, sync_lora_config
 
 STATE_JSON = "l1ra_state.json"
 STATE_TENSORS = "l1ra_state.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: resume tensors in capacity layout; 1 (live ranks only) still loads
 _PREFIX = "base_model.model."  # how PeftModel names its wrapped model's parameters
 
 
@@ -44,14 +47,17 @@ def _key(name: str, *parts: str) -> str:
 
 
 def folded_state_dict(peft_model, state_dict: Optional[dict] = None) -> dict:
-    """The model's state dict with every gate folded into its A (`diag(c) A`) and the gates removed."""
+    """The model's state dict with the adapters compacted to their live slots, every gate folded into its A
+    (`diag(c) A`) and the gates removed. Adapter tensors are read with `slots.full` (sharded ones are gathered)."""
     st = peft_model.l1ra_state
     sd = dict(state_dict if state_dict is not None else peft_model.state_dict())
     for name, _ in st.layers:
-        a_key, g_key = _key(name, "lora_A", st.adapter, "weight"), _key(name, "l1ra_gate", st.adapter)
-        gate = sd.pop(g_key)
-        a = sd[a_key]
-        sd[a_key] = a * gate.detach().to(device=a.device, dtype=a.dtype).unsqueeze(1)
+        a_key, b_key = _key(name, "lora_A", st.adapter, "weight"), _key(name, "lora_B", st.adapter, "weight")
+        gate, a, b = full(sd.pop(_key(name, "l1ra_gate", st.adapter))), full(sd[a_key]), full(sd[b_key])
+        idx = torch.tensor(st.live[name], dtype=torch.long)
+        live_gate = gate.index_select(0, idx.to(gate.device))
+        sd[a_key] = a.index_select(0, idx.to(a.device)) * live_gate.to(device=a.device, dtype=a.dtype).unsqueeze(1)
+        sd[b_key] = b.index_select(1, idx.to(b.device))
     return sd
 
 
@@ -81,41 +87,56 @@ def state_json(peft_model) -> dict:
         "step": st.step,
         "reallocations": st.reallocations,
         "ranks": st.ranks(),
+        "capacity": st.capacities(),
+        "pending": [[name, kind, slots] for (name, kind), slots in sorted(st.pending.items())],
         "config": config_to_dict(st.config),
         "history": st.history.to_json(),
     }
 
 
 def state_tensors(peft_model) -> dict[str, torch.Tensor]:
+    """Raw A, gates, live-slot masks (and sensitivity sums), full capacity, on the CPU."""
     st = peft_model.l1ra_state
     out = {}
     for name, layer in st.layers:
-        out[f"{name}.lora_A"] = layer.lora_A[st.adapter].weight.detach().contiguous()
-        out[f"{name}.gate"] = layer.l1ra_gate[st.adapter].detach().contiguous()
+        gate = full(layer.l1ra_gate[st.adapter])
+        out[f"{name}.lora_A"] = full(layer.lora_A[st.adapter].weight).cpu().contiguous()
+        out[f"{name}.gate"] = gate.cpu().contiguous()
+        mask = torch.zeros(gate.shape[0], dtype=torch.uint8)
+        mask[st.live[name]] = 1
+        out[f"{name}.live"] = mask
     if st.sensitivity is not None:  # receiver_signal='sensitivity': the sums since the last reallocation
-        sizes = [layer.r[st.adapter] for _, layer in st.layers]
-        for (name, _), part in zip(st.layers, torch.split(st.sensitivity.detach(), sizes)):
+        sizes = list(st.capacities().values())
+        for (name, _), part in zip(st.layers, torch.split(full(st.sensitivity).cpu(), sizes)):
             out[f"{name}.sensitivity"] = part.contiguous()
     return out
 
 
 def save_l1ra(peft_model, save_directory, *, super_save, is_main_process: bool = True, **kwargs) -> None:
-    """Write the PEFT adapter (through PEFT's own `save_pretrained`) and the resume files, atomically per file."""
+    """Write the PEFT adapter (through PEFT's own `save_pretrained`, live ranks only) and the resume files,
+    atomically per file. Every process must call it when the adapters are sharded (the tensors are gathered)."""
     st = peft_model.l1ra_state
     if kwargs.get("selected_adapters") not in (None, [st.adapter]):
         raise ValueError(f"selected_adapters={kwargs['selected_adapters']!r}: an L1RA model has one adapter, {st.adapter!r}.")
     if not kwargs.get("safe_serialization", True):
         raise ValueError("safe_serialization=False: L1RA writes safetensors only; drop the argument.")
     kwargs["state_dict"] = folded_state_dict(peft_model, kwargs.get("state_dict"))
+    tensors = state_tensors(peft_model)
     if not is_main_process:
         return
     target = Path(save_directory)
     target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".l1ra-save-", dir=target))
+    configs = peft_model.peft_config
+    capacity_config = configs[st.adapter]
     try:
-        super_save(str(tmp), is_main_process=True, **kwargs)
+        configs[st.adapter] = live_lora_config(peft_model)  # what PEFT writes as adapter_config.json
+        try:
+            super_save(str(tmp), is_main_process=True, **kwargs)
+        finally:
+            configs[st.adapter] = capacity_config
         out_dir = tmp if st.adapter == "default" else tmp / st.adapter
-        save_file(state_tensors(peft_model), str(out_dir / STATE_TENSORS), metadata={"format": "pt"})
+        save_file(tensors, str(out_dir / STATE_TENSORS), metadata={"format": "pt"})
         meta = state_json(peft_model)
         # Checksums of the tensor files, checked on load: catches bit rot and a directory that mixes two saves.
         meta["sha256"] = {n: _sha256(out_dir / n) for n in (ADAPTER_WEIGHTS, STATE_TENSORS) if (out_dir / n).is_file()}
@@ -185,10 +206,6 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable or corrupted safetensors ({err})") from None
 
 
-def _adapter_params(layer, adapter: str) -> tuple:
-    return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.l1ra_gate[adapter]
-
-
 # LoraConfig fields that change what the saved weights compute; they must agree with the model's.
 _SAME_KIND = {
     "use_dora": "L1RA does not support DoRA adapters",
@@ -220,32 +237,69 @@ def saved_scalings(lora_cfg: dict, ranks: dict[str, int], path: Path) -> dict[st
     return out
 
 
-@torch.no_grad()
-def load_into(peft_model, directory) -> None:
-    """Load an L1RA checkpoint (or a plain PEFT LoRA adapter) into `peft_model`, resizing its adapters first.
+def _checked_module(name, layer, adapter, r, capacity, weights, raw, version, directory) -> list[int]:
+    """Validate one module's saved tensors against this model; returns the slots its live ranks go to."""
+    a, b = weights.get(_key(name, "lora_A", "weight")), weights.get(_key(name, "lora_B", "weight"))
+    if a is None or b is None:
+        raise CheckpointError(
+            f"{directory / ADAPTER_WEIGHTS}: no LoRA weights for {name}; was the adapter saved from another base "
+            "model or with other target_modules?"
+        )
+    if not isinstance(r, int) or r < 1 or a.shape[0] != r or b.shape[1] != r:
+        raise CheckpointError(
+            f"{directory / ADAPTER_WEIGHTS}: weights of {name} do not match rank {r} "
+            f"(lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)})"
+        )
+    in_f, out_f = layer.lora_A[adapter].in_features, layer.lora_B[adapter].out_features
+    if a.shape[1] != in_f or b.shape[0] != out_f:
+        raise CheckpointError(
+            f"{directory / ADAPTER_WEIGHTS}: {name} has shape {tuple(b.shape)}x{tuple(a.shape)}, this model's layer "
+            f"is {out_f}x{in_f}; the adapter was made for another base model"
+        )
+    if r > capacity:
+        raise CheckpointError(
+            f"{directory}: {name} holds {r} ranks but this model's adapters hold at most {capacity} (their capacity); "
+            f"build the model with L1RAConfig(max_rank=...) at least as large as the adapter's largest rank"
+        )
+    if raw is None:
+        return list(range(r))
+    raw_a, gate = raw.get(f"{name}.lora_A"), raw.get(f"{name}.gate")
+    size = capacity if version >= 2 else r
+    if raw_a is None or gate is None or raw_a.shape != (size, in_f) or gate.shape != (size,):
+        raise CheckpointError(f"{directory / STATE_TENSORS}: raw weights of {name} do not match rank {r}"
+                              + (f" in capacity {capacity}" if version >= 2 else ""))
+    if version < 2:
+        return list(range(r))
+    live = raw.get(f"{name}.live")
+    if live is None or live.shape != (capacity,) or int(live.bool().sum()) != r:
+        raise CheckpointError(f"{directory / STATE_TENSORS}: live slots of {name} do not match rank {r}")
+    return live.bool().nonzero().flatten().tolist()
 
-    This is what `model.load_adapter(dir, adapter_name)` does on an L1RA model, so `Trainer(resume_from_checkpoint=)`
-    restores the moved ranks before the optimizer state is loaded.
-    """
+
+def _expanded(t: torch.Tensor, dim: int, slots: list[int], capacity: int) -> torch.Tensor:
+    """A compact (live-ranks) tensor placed into its slots along `dim` of a capacity-sized one (dead slots zero)."""
+    shape = list(t.shape)
+    shape[dim] = capacity
+    return t.new_zeros(shape).index_copy_(dim, torch.tensor(slots, dtype=torch.long), t)
+
+
+def _read_source(peft_model, directory: Path):
+    """(lora config, resume meta or None, live ranks per module, format version) of an adapter folder."""
     st = peft_model.l1ra_state
-    directory = Path(directory)
-    if st.adapter != "default":
-        directory = directory / st.adapter if (directory / st.adapter).is_dir() else directory
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory holding an adapter")
-    state_path = directory / STATE_JSON
-    resume = state_path.exists()
     config_path = directory / ADAPTER_CONFIG
     lora_cfg = _read_json(config_path)
     if not isinstance(lora_cfg, dict) or lora_cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{config_path}: peft_type={lora_cfg.get('peft_type') if isinstance(lora_cfg, dict) else None!r}, not a LoRA adapter")
     _check_same_kind(lora_cfg, peft_model.peft_config[st.adapter], config_path)
-    if resume:
+    state_path = directory / STATE_JSON
+    meta, version = None, 0
+    if state_path.exists():
         meta = _read_json(state_path)
         ranks = meta.get("ranks") if isinstance(meta, dict) else None
         if not isinstance(ranks, dict):
             raise CheckpointError(f"{state_path}: no 'ranks' table; the file is corrupted")
         _check_meta(meta, state_path, directory)
+        version = meta.get("format_version", 1)
     else:
         pattern = lora_cfg.get("rank_pattern") or {}
         ranks = {name: pattern.get(get_pattern_key(pattern.keys(), name), lora_cfg.get("r")) for name, _ in st.layers}
@@ -253,64 +307,77 @@ def load_into(peft_model, directory) -> None:
     if set(ranks) != set(names):
         missing, extra = sorted(set(names) - set(ranks)), sorted(set(ranks) - set(names))
         raise CheckpointError(
-            f"{state_path if resume else directory / ADAPTER_CONFIG}: adapter modules do not match this model "
+            f"{state_path if meta is not None else config_path}: adapter modules do not match this model "
             f"(missing {missing[:3]}, unexpected {extra[:3]}); was it saved from another base model or target_modules?"
         )
+    return lora_cfg, meta, ranks, version
+
+
+@torch.no_grad()
+def load_into(peft_model, directory):
+    """Load an L1RA checkpoint (or a plain PEFT LoRA adapter) into `peft_model`'s fixed-capacity adapters: the saved
+    live ranks go into their slots (a plain adapter's r_i ranks into the first r_i slots), every other slot is dead.
+
+    This is what `model.load_adapter(dir, adapter_name)` does on an L1RA model, so `Trainer(resume_from_checkpoint=)`
+    restores the ranks before the optimizer state (saved in capacity shapes) is loaded by position.
+    """
+    st = peft_model.l1ra_state
+    directory = Path(directory)
+    if st.adapter != "default":
+        directory = directory / st.adapter if (directory / st.adapter).is_dir() else directory
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory holding an adapter")
+    lora_cfg, meta, ranks, version = _read_source(peft_model, directory)
     weights = _read_tensors(directory / ADAPTER_WEIGHTS)
-    raw = _read_tensors(directory / STATE_TENSORS) if resume else {}
+    raw = _read_tensors(directory / STATE_TENSORS) if meta is not None else None
+    caps = st.capacities()
+    slots = {
+        name: _checked_module(name, layer, st.adapter, ranks[name], caps[name], weights, raw, version, directory)
+        for name, layer in st.layers
+    }
+    scalings = saved_scalings(lora_cfg, ranks, directory / ADAPTER_CONFIG)
     for name, layer in st.layers:
-        r = ranks[name]
-        a = weights.get(_key(name, "lora_A", "weight"))
-        b = weights.get(_key(name, "lora_B", "weight"))
-        if a is None or b is None:
-            raise CheckpointError(
-                f"{directory / ADAPTER_WEIGHTS}: no LoRA weights for {name}; was the adapter saved from another base "
-                "model or with other target_modules?"
-            )
-        if not isinstance(r, int) or r < 1 or a is None or b is None or a.shape[0] != r or b.shape[1] != r:
-            raise CheckpointError(
-                f"{directory / ADAPTER_WEIGHTS}: weights of {name} do not match rank {r} "
-                f"(lora_A {None if a is None else tuple(a.shape)}, lora_B {None if b is None else tuple(b.shape)})"
-            )
-        if a.shape[1] != layer.lora_A[st.adapter].in_features or b.shape[0] != layer.lora_B[st.adapter].out_features:
-            raise CheckpointError(
-                f"{directory / ADAPTER_WEIGHTS}: {name} has shape {tuple(b.shape)}x{tuple(a.shape)}, this model's layer "
-                f"is {layer.lora_B[st.adapter].out_features}x{layer.lora_A[st.adapter].in_features}; the adapter was "
-                "made for another base model"
-            )
-        if resume:
-            raw_a, gate = raw.get(f"{name}.lora_A"), raw.get(f"{name}.gate")
-            if raw_a is None or gate is None or raw_a.shape != a.shape or gate.shape != (r,):
-                raise CheckpointError(f"{directory / STATE_TENSORS}: raw weights of {name} do not match rank {r}")
-    scalings = saved_scalings(lora_cfg, ranks, config_path)
-    for name, layer in st.layers:
-        before = _adapter_params(layer, st.adapter)
-        set_adapter_rank(layer, st.adapter, ranks[name])
-        for old, new in zip(before, _adapter_params(layer, st.adapter)):
-            if old is not new:  # an optimizer built before this load must follow (see model.adopt_loaded_params)
-                st.replaced[id(old)] = (weakref.ref(old), new)
+        a_key, b_key = _key(name, "lora_A", "weight"), _key(name, "lora_B", "weight")
+        a = weights[a_key] if raw is None else raw[f"{name}.lora_A"].to(weights[a_key].dtype)  # raw: unfolded A
+        weights[a_key] = a if a.shape[0] == caps[name] and raw is not None else _expanded(a, 0, slots[name], caps[name])
+        weights[b_key] = _expanded(weights[b_key], 1, slots[name], caps[name])
         layer.scaling[st.adapter] = scalings[name]  # the saved function, whatever this model was built with
+        st.live[name] = slots[name]
     sync_lora_config(peft_model)
     result = set_peft_model_state_dict(peft_model, weights, adapter_name=st.adapter)
     for name, layer in st.layers:
         gate = layer.l1ra_gate[st.adapter]
-        if resume:
-            a = layer.lora_A[st.adapter].weight
-            a.copy_(raw[f"{name}.lora_A"].to(device=a.device, dtype=a.dtype))
-            gate.copy_(raw[f"{name}.gate"].to(device=gate.device, dtype=gate.dtype))
+        values = torch.zeros(caps[name])
+        if raw is None:
+            values[slots[name]] = 1.0
+        elif version >= 2:
+            values = raw[f"{name}.gate"].float()
         else:
-            gate.fill_(1.0)
-    if resume:
-        st.step = int(meta.get("step", 0))
-        st.reallocations = int(meta.get("reallocations", 0))
-        st.history = RankHistory.from_json(meta.get("history", []))
-        parts = [raw.get(f"{name}.sensitivity") for name, _ in st.layers]
-        first_gate = st.layers[0][1].l1ra_gate[st.adapter]
-        st.sensitivity = (
-            torch.cat([p.float() for p in parts]).to(first_gate.device)
-            if all(p is not None and p.shape == (ranks[name],) for p, (name, _) in zip(parts, st.layers)) else None
-        )
+            values[slots[name]] = raw[f"{name}.gate"].float()
+        gate.copy_(values.to(device=gate.device, dtype=gate.dtype))
+    if meta is not None:
+        _restore_meta(st, meta, raw, slots, caps)
     return result
+
+
+def _restore_meta(st, meta: dict, raw: dict, slots: dict, caps: dict) -> None:
+    st.step = int(meta.get("step", 0))
+    st.reallocations = int(meta.get("reallocations", 0))
+    st.history = RankHistory.from_json(meta.get("history", []))
+    pending = meta.get("pending", [])
+    st.pending = {(name, kind): list(map(int, s)) for name, kind, s in pending} if isinstance(pending, list) else {}
+    parts = []
+    for name, _ in st.layers:
+        part = raw.get(f"{name}.sensitivity")
+        if part is None:
+            break
+        if part.shape == (len(slots[name]),) and part.shape != (caps[name],):  # format 1: live ranks only
+            part = _expanded(part.float(), 0, slots[name], caps[name])
+        if part.shape != (caps[name],):
+            break
+        parts.append(part.float())
+    first_gate = st.layers[0][1].l1ra_gate[st.adapter]
+    st.sensitivity = torch.cat(parts).to(first_gate.device) if len(parts) == len(st.layers) else None
 
 
 def read_config(directory) -> L1RAConfig:

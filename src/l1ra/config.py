@@ -28,6 +28,10 @@ L1RA_FIELDS = (
 )
 
 
+# Default capacity of an adapter, as a multiple of its initial rank (L1RAConfig.max_rank=None).
+CAPACITY_FACTOR = 2
+
+
 # init_lora_weights values L1RA supports: B = 0 (True, "gaussian"), or random A and B (False, "orthogonal"). None of
 # them puts part of the pretrained weight into the adapter, and all keep lora_A an nn.Linear that the gate hooks.
 SUPPORTED_INITS = (True, False, "gaussian", "orthogonal")
@@ -102,7 +106,14 @@ class L1RAConfig(LoraConfig):
     )
     min_rank: int = field(default=1, metadata={"help": "No adapter is pruned below this rank."})
     max_rank: Optional[int] = field(
-        default=None, metadata={"help": "Optional cap on the rank an adapter can receive (None: no cap)."}
+        default=None,
+        metadata={
+            "help": "Capacity of every adapter: the most ranks one module can hold. Each adapter's factors are "
+            "allocated at this size up front (A: capacity x in, B: out x capacity) and never change shape, so "
+            "reallocation works in place (DDP, torch.compile and any optimizer keep their tensors). None: "
+            f"{CAPACITY_FACTOR} x each module's initial rank. Memory, optimizer state and the adapters' FLOPs grow "
+            "with the capacity (dead slots are zeros, but they are computed); a module can never grow past it."
+        },
     )
     reassign: bool = field(
         default=True,
@@ -220,6 +231,10 @@ class L1RAConfig(LoraConfig):
 
     def l1ra_dict(self) -> dict:
         return {name: getattr(self, name) for name in L1RA_FIELDS}
+
+    def capacity(self, initial_rank: int) -> int:
+        """Slots an adapter with `initial_rank` ranks holds: `max_rank`, or CAPACITY_FACTOR x its initial rank."""
+        return int(self.max_rank) if self.max_rank is not None else CAPACITY_FACTOR * int(initial_rank)
 
     def update_interval(self, total_steps: Optional[int]) -> int:
         """Optimizer steps between two reallocations."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -18,8 +19,9 @@ from .checkpoint import load_into, read_config, save_l1ra
 from .config import L1RAConfig
 from .gates import attach_gate, gate_sensitivity, shrink_gates_
 from .history import RankHistory, ReallocationEvent
-from .optim import group_lr_of, param_groups, remap_optimizer, unwrap_optimizer
-from .resize import new_lora_A_rows, resize_adapter
+from .optim import group_lr_of, install_seed_hook, local_gates, param_groups
+from .resize import grow_to_capacity_, new_lora_A_rows, set_slots_
+from .slots import fill_slots_, full, write_slots_
 from .state import L1RAState, sync_lora_config  # noqa: F401  (sync_lora_config: re-exported for callers of l1ra.model)
 
 
@@ -122,17 +124,20 @@ def get_l1ra_model(
             f"L1RA adapts linear layers (nn.Linear, GPT-2 Conv1D) only; target_modules also matched: "
             f"{', '.join(unsupported[:5])}. Remove these from target_modules (or use target_modules='all-linear')."
         )
-    for _, layer in layers:
-        attach_gate(layer, adapter_name)
-    peft_model.__class__ = _l1ra_class(type(peft_model))
     ranks = {n: m.r[adapter_name] for n, m in layers}
+    for name, layer in layers:  # once, before any optimizer or wrapper exists: shapes never change afterwards
+        capacity = config.capacity(ranks[name])
+        grow_to_capacity_(layer, adapter_name, capacity)
+        gate = attach_gate(layer, adapter_name)
+        fill_slots_(gate, 0, list(range(ranks[name], capacity)), 0.0)
+    peft_model.__class__ = _l1ra_class(type(peft_model))
     costs = rank_costs(layers, adapter_name, config.budget_unit)
     peft_model.l1ra_state = L1RAState(
-        config=config, adapter=adapter_name, budget=sum(c * r for c, r in zip(costs, ranks.values())), layers=layers
+        config=config, adapter=adapter_name, budget=sum(c * r for c, r in zip(costs, ranks.values())), layers=layers,
+        live={n: list(range(r)) for n, r in ranks.items()},
     )
     peft_model.l1ra_state.history.record(ReallocationEvent(step=0, ranks=ranks))
     sync_lora_config(peft_model)
-    distributed.watch(peft_model)  # finds a DDP wrapper that runs the model, to rebuild it after reallocations
     return peft_model
 
 
@@ -160,13 +165,25 @@ def find_l1ra_model(model: nn.Module) -> PeftModel:
 
 
 def gates(model: nn.Module) -> dict[str, nn.Parameter]:
-    """`{module_name: gate}`: the live gate parameters, in module order."""
+    """`{module_name: gate}`: the gate parameters, in module order. Each holds the adapter's full capacity; dead
+    slots are 0 (see `live_slots`)."""
     return find_l1ra_model(model).l1ra_state.gates()
 
 
+def live_slots(model: nn.Module) -> dict[str, list[int]]:
+    """`{module_name: indices of the live slots}` (sorted); `gates(model)[name][live_slots(model)[name]]` are the live
+    gates."""
+    return {name: list(slots) for name, slots in find_l1ra_model(model).l1ra_state.live.items()}
+
+
 def rank_pattern(model: nn.Module) -> dict[str, int]:
-    """`{module_name: current rank}`."""
+    """`{module_name: live rank}`."""
     return find_l1ra_model(model).l1ra_state.ranks()
+
+
+def capacities(model: nn.Module) -> dict[str, int]:
+    """`{module_name: capacity}`: the most ranks each adapter can hold (fixed for the model's life)."""
+    return find_l1ra_model(model).l1ra_state.capacities()
 
 
 def rank_history(model: nn.Module) -> RankHistory:
@@ -180,13 +197,13 @@ def set_total_steps(model: nn.Module, total_steps: int) -> None:
 
 @torch.no_grad()
 def fold_gates_(model: nn.Module) -> None:
-    """A <- diag(c) A and c <- 1: same function, gates gone (for merging)."""
+    """A <- diag(c) A and c <- 1 on live slots: same function, gates gone (for merging). Dead slots stay at 0."""
     st = find_l1ra_model(model).l1ra_state
-    for _, layer in st.layers:
+    for name, layer in st.layers:
         gate = layer.l1ra_gate[st.adapter]
         weight = layer.lora_A[st.adapter].weight
         weight.mul_(gate.to(weight.dtype).unsqueeze(1))
-        gate.fill_(1.0)
+        fill_slots_(gate, 0, st.live[name], 1.0)
 
 
 def create_optimizer(
@@ -202,45 +219,9 @@ def create_optimizer(
     groups = param_groups(
         peft_model, lr, weight_decay, peft_model.l1ra_state.config.eta_c, gates(peft_model).values()
     )
-    return optimizer_cls(groups, lr=lr, **kwargs)
-
-
-def adopt_loaded_params(model: nn.Module, optimizer, *, strict: bool = False) -> int:
-    """Point an optimizer built before a checkpoint was loaded at the parameters the load created.
-
-    Loading a checkpoint whose ranks moved replaces LoRA parameters, but `Trainer(resume_from_checkpoint=...)` uses the
-    optimizer the user built beforehand (and loads its saved state by position, in the checkpoint's shapes). The
-    L1RACallback calls this at train begin: each stale parameter is swapped for its replacement and keeps the loaded
-    state when the shapes agree. `strict`: raise instead (an optimizer step already went to the stale parameters).
-    """
-    st = find_l1ra_model(model).l1ra_state
-    if not st.replaced or optimizer is None:
-        return 0
-    opt = unwrap_optimizer(optimizer)
-    swapped = 0
-    for group in opt.param_groups:
-        for i, p in enumerate(group["params"]):
-            entry = st.replaced.get(id(p))
-            if entry is None or entry[0]() is not p:
-                continue
-            if strict:
-                raise ValueError(
-                    "the optimizer holds L1RA parameters that loading a checkpoint replaced (their ranks moved), so "
-                    "it trains tensors the model no longer uses; build the optimizer after loading the checkpoint "
-                    "(l1ra.create_optimizer(model, lr=...))."
-                )
-            new = entry[1]
-            group["params"][i] = new
-            state = opt.state.pop(p, None)
-            if state:
-                shapes_ok = all(
-                    v.shape == new.shape for v in state.values() if isinstance(v, torch.Tensor) and v.ndim > 0
-                )
-                if shapes_ok:
-                    opt.state[new] = state
-            swapped += 1
-    st.replaced.clear()
-    return swapped
+    optimizer = optimizer_cls(groups, lr=lr, **kwargs)
+    install_seed_hook(optimizer, peft_model.l1ra_state)
+    return optimizer
 
 
 def gate_learning_rates(
@@ -262,7 +243,7 @@ def apply_l1_(model: nn.Module, optimizer, l1ra_lambda: Optional[float] = None) 
     peft_model = find_l1ra_model(model)
     lam = peft_model.l1ra_state.config.l1ra_lambda if l1ra_lambda is None else l1ra_lambda
     lrs = gate_learning_rates(peft_model, optimizer)
-    shrink_gates_(list(gates(peft_model).values()), [lr * lam for lr in lrs])
+    shrink_gates_(local_gates(list(gates(peft_model).values())), [lr * lam for lr in lrs])
 
 
 def after_optimizer_step(
@@ -282,7 +263,7 @@ def after_optimizer_step(
     if not st.setup_checked:
         distributed.check_not_sharded(model, optimizer)
         check_gate_dtype(peft_model)
-        adopt_loaded_params(peft_model, optimizer, strict=True)
+        install_seed_hook(optimizer, st)
         st.setup_checked = True
     if optimizer_step_skipped is None:
         optimizer_step_skipped = bool(getattr(optimizer, "step_was_skipped", False))
@@ -310,13 +291,13 @@ def accumulate_sensitivity_(peft_model) -> None:
     st.sensitivity = step_sensitivity if st.sensitivity is None else st.sensitivity.add_(step_sensitivity)
 
 
-def receiver_priority(st, gate_values: list[torch.Tensor]) -> Optional[list[float]]:
-    """Per-adapter mean sensitivity since the last reallocation (None: the allocator's default order)."""
-    sizes = [g.numel() for g in gate_values]
-    if st.config.receiver_signal != "sensitivity" or st.sensitivity is None or st.sensitivity.numel() != sum(sizes):
+def receiver_priority(st, sensitivity: Optional[torch.Tensor]) -> Optional[list[float]]:
+    """Per-adapter mean sensitivity of the live slots since the last reallocation (None: the allocator's order)."""
+    caps = list(st.capacities().values())
+    if st.config.receiver_signal != "sensitivity" or sensitivity is None or sensitivity.numel() != sum(caps):
         return None
-    per_adapter = torch.split(st.sensitivity.float().cpu(), sizes)
-    return [float(s.mean()) for s in per_adapter]
+    parts = torch.split(sensitivity.float().cpu(), caps)
+    return [float(part[st.live[name]].mean()) for (name, _), part in zip(st.layers, parts)]
 
 
 def _generator(seed: int, count: int) -> torch.Generator:
@@ -324,56 +305,92 @@ def _generator(seed: int, count: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + count) % (2**63))
 
 
+def _agreed_gate_values(st) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+    """Every adapter's full gate vector (CPU fp32) and the sensitivity sums, as rank 0 holds them: with several
+    processes both are broadcast from rank 0, so every process plans the same reallocation."""
+    live = list(st.gates().values())
+    values = [full(g) for g in live]
+    flat = distributed.gather_flat(values)  # one device sync
+    sensitivity = None if st.sensitivity is None else distributed.gather_flat([st.sensitivity])
+    agreed, sensitivity = distributed.agree_from_rank0(flat, sensitivity)
+    if not torch.equal(agreed, flat):
+        warnings.warn(
+            f"l1ra: gates differed between processes (max difference {float((agreed - flat).abs().max()):.3g}); "
+            "using rank 0's values for the reallocation.",
+            stacklevel=3,
+        )
+        for gate, value in zip(live, torch.split(agreed, [g.numel() for g in live])):
+            write_slots_(gate, 0, list(range(gate.shape[0])), value)
+    return list(torch.split(agreed, [g.numel() for g in live])), sensitivity
+
+
 @torch.no_grad()
 def reallocate(model: nn.Module, optimizer=None) -> ReallocationEvent:
-    """Prune ranks whose gate reached the threshold and hand them to other adapters, now.
+    """Prune ranks whose gate reached the threshold and hand them to other adapters, now, in place.
 
     The model's output does not change (with `prune_threshold=0`), the total rank stays at the budget (with
-    `reassign=True`), and `optimizer` (if given) keeps its state for every surviving rank.
+    `reassign=True`), no parameter or optimizer-state tensor is replaced, and `optimizer` (if given) keeps its state
+    for every surviving rank; pruned and revived slots get fresh (zero) state, and revived slots' Adam moments are
+    seeded from their first gradient (see `l1ra.optim.SeedHook`).
     """
     peft_model = find_l1ra_model(model)
     st = peft_model.l1ra_state
     cfg = st.config
     distributed.check_not_sharded(model, optimizer)
-    ddp = distributed.ddp_wrapper(model, peft_model)
-    live = list(gates(peft_model).values())
-    flat = torch.cat([g.detach().float() for g in live]).cpu()  # one device sync
-    if ddp is not None:  # every process plans from rank 0's gates (identical anyway: DDP averages gradients)
-        flat = distributed.agree_on_gates(live, flat, ddp)
-    gate_values = list(torch.split(flat, [g.numel() for g in live]))
+    install_seed_hook(optimizer, st)
+    full_gates, sensitivity = _agreed_gate_values(st)
+    live_values = [g[st.live[name]] for (name, _), g in zip(st.layers, full_gates)]
     plans = plan_reallocation(
-        gate_values,
+        live_values,
         prune_threshold=cfg.prune_threshold,
         min_rank=cfg.min_rank,
-        max_rank=cfg.max_rank,
+        max_rank=list(st.capacities().values()),
         reassign=cfg.reassign,
         exclude_pruned=cfg.exclude_pruned,
-        priority=receiver_priority(st, gate_values),
+        priority=receiver_priority(st, sensitivity),
         # a parameter budget carries what a round could not spend over to the next round
         **(dict(costs=rank_costs(st.layers, st.adapter, "params"), budget=st.budget)
            if getattr(cfg, "budget_unit", "rank") == "params" else {}),
     )
     generator = _generator(cfg.seed, st.reallocations)
-    changes, pruned, added = [], {}, {}
-    for (name, layer), plan, old in zip(st.layers, plans, gate_values):
+    pruned, added = {}, {}
+    for (name, layer), plan in zip(st.layers, plans):
         rows = new_lora_A_rows(plan.n_new, layer.lora_A[st.adapter].in_features, generator)
-        if plan.n_new == 0 and len(plan.keep) == old.numel():
+        live = st.live[name]
+        if plan.n_new == 0 and len(plan.keep) == len(live):
             continue
-        changes += resize_adapter(layer, st.adapter, plan, rows)
-        if plan.pruned(old.numel()):
-            pruned[name] = plan.pruned(old.numel())
-        if plan.n_new:
-            added[name] = plan.n_new
-    if optimizer is not None and changes:
-        remap_optimizer(optimizer, changes)
-    if ddp is not None and changes:
-        distributed.rebuild_ddp(ddp)  # the wrapper must reduce the new parameters
+        pruned_n, new_slots = _apply_plan(st, name, layer, plan, rows, optimizer)
+        if pruned_n:
+            pruned[name] = pruned_n
+        if new_slots:
+            added[name] = len(new_slots)
     st.reallocations += 1
     st.sensitivity = None  # the next interval's receivers are judged on that interval's gradients
-    sync_lora_config(peft_model)
     event = ReallocationEvent(step=st.step, ranks=rank_pattern(peft_model), pruned=pruned, added=added)
     st.history.record(event)
     return event
+
+
+def _apply_plan(st, name: str, layer, plan, rows: torch.Tensor, optimizer) -> tuple[int, list[int]]:
+    """Kill the adapter's pruned slots, revive the lowest dead slots for its new ranks; update the live record and the
+    slots waiting for their Adam moments to be seeded. Returns (ranks pruned, revived slots)."""
+    live = st.live[name]
+    keep = [live[k] for k in plan.keep]
+    kept = set(keep)
+    pruned = [s for s in live if s not in kept]
+    new_slots = [s for s in range(layer.r[st.adapter]) if s not in kept][: plan.n_new]
+    killed = [s for s in pruned if s not in new_slots]
+    a = layer.lora_A[st.adapter].weight
+    slots = killed + new_slots
+    a_rows = torch.cat([torch.zeros(len(killed), a.shape[1]), rows]) if killed else rows
+    gate_values = torch.cat([torch.zeros(len(killed)), torch.ones(len(new_slots))])
+    set_slots_(layer, st.adapter, slots, a_rows, gate_values, optimizer)
+    st.live[name] = sorted(keep + new_slots)
+    for kind in ("A", "B", "gate"):
+        waiting = [s for s in st.pending.pop((name, kind), []) if s not in set(slots)] + new_slots
+        if waiting:
+            st.pending[(name, kind)] = sorted(waiting)
+    return len(pruned), new_slots
 
 
 def from_pretrained(model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False) -> PeftModel:

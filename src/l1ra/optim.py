@@ -1,16 +1,36 @@
-"""Optimizer groups for L1RA and the remapping of optimizer state when parameters are resized."""
+"""Optimizer groups for L1RA, and in-place slot resets / seeding of optimizer state when slots are pruned or revived.
+
+Parameters never change shape, so the optimizer keeps every parameter and state tensor object for the whole run;
+pruning or reviving a slot only writes zeros into the state tensors at that slot (`reset_slot_state_`), in place:
+surviving slots keep their state exactly and step counters are untouched.
+
+State layouts handled (see `reset_slot_state_`):
+- per-parameter tensors of the parameter's shape: torch Adam/AdamW (`exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`),
+  SGD's `momentum_buffer`, Adagrad's `sum`, RMSprop's `square_avg` / `momentum_buffer` / `grad_avg`, bitsandbytes'
+  32-bit `state1` / `state2`: the slot is zeroed, as a fresh optimizer holds it;
+- bitsandbytes' 8-bit blockwise state (`state1`/`state2` uint8 with `absmax1/2` and `qmap1/2`, blocks of 256 values of
+  the flattened tensor): dequantized, the slot set, re-quantized in place (values in the same block as the slot are
+  re-rounded; absmax of a block can only change where the slot held the block's maximum);
+- factored state (Adafactor's `row_var` / `col_var`): the factor indexed by the rank axis is zeroed at the slot; the
+  other factor is shared by all slots and kept, so the slot's second-moment estimate restarts from the shared factor.
+
+Adam-family optimizers (torch Adam/AdamW, bitsandbytes' Adam/AdamW in 32 and 8 bits, paged or not) carry one bias
+correction per tensor: after a long run a zeroed slot would take first steps ~3x a fresh Adam's. `SeedHook`, a step
+pre-hook, therefore seeds a revived slot's moments from its own first non-zero gradient g so that, after the step,
+`m_hat = g` and `v_hat = g^2`: the first update equals a fresh AdamW's.
+"""
 
 from __future__ import annotations
 
-import warnings
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from .resize import ParamChange
+from .slots import fill_slots_, full, local, write_slots_
 
 ADAPTER_GROUP, NO_DECAY_GROUP, GATE_GROUP = "l1ra_adapters", "l1ra_adapters_no_decay", "l1ra_gates"
+_BNB_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizer state: blocks of 256 values of the flattened tensor
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -53,57 +73,153 @@ def group_lr_of(optimizer, params: list[nn.Parameter]) -> list[Optional[float]]:
     return [lr_by_id.get(id(p)) for p in params]
 
 
-# Second-moment-like state (Adam's v, AMSGrad's max v, Adafactor's vector v): a new rank's slot is seeded with the mean of the surviving
-# ranks' values. Adam's bias correction belongs to the whole tensor (one `step`), so after a long run a zero v in a new
-# slot is never corrected: its first updates would be ~(1-beta1)/sqrt(1-beta2) = 3.2x a fresh Adam's. With the
-# survivors' v the new slot is normalised like its peers and its first steps are gentler than a fresh Adam's.
-SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "variance")  # "variance": Adafactor's unfactored (vector) state
+# ------------------------------------------------------------------------------------------------ resetting slots
 
 
-def _resize_state_tensor(key, value, change: ParamChange):
-    if not isinstance(value, torch.Tensor):
-        return value
-    if value.ndim == 0:
-        return value.clone()  # per-parameter step counter: never share one tensor between parameters
-    if value.shape != change.old.shape:
-        raise LookupError  # a layout we do not know how to slice (factored or quantized state)
-    kept = value.index_select(change.rank_dim, change.keep.to(value.device))
-    fill_shape = list(value.shape)
-    fill_shape[change.rank_dim] = change.n_new
-    if key in SECOND_MOMENTS and change.n_new and kept.shape[change.rank_dim] > 0:
-        fill = kept.mean(dim=change.rank_dim, keepdim=True).expand(fill_shape)
+def _is_8bit(state: dict) -> bool:
+    return any(k in state for k in ("absmax1", "absmax2")) and any(
+        torch.is_tensor(state.get(k)) and state[k].dtype == torch.uint8 for k in ("state1", "state2")
+    )
+
+
+def _bnb_edit_(state: dict, key: str, p: torch.Tensor, dim: int, index, values: Optional[torch.Tensor]) -> None:
+    """8-bit blockwise state `key` ('state1'/'state2'): dequantize, set the slots (`values`, or zero), re-quantize."""
+    import bitsandbytes.functional as F
+
+    n = key[-1]
+    q, absmax, code = state[key], state[f"absmax{n}"], state[f"qmap{n}"]
+    value = F.dequantize_blockwise(q, absmax=absmax, code=code, blocksize=_BNB_BLOCK).view(p.shape).float()
+    if values is None:
+        fill_slots_(value, dim, index, 0.0)
     else:
-        fill = value.new_zeros(fill_shape)  # first moments, momentum, Adagrad's sum: what a fresh optimizer holds
-    return torch.cat([kept, fill], dim=change.rank_dim)
+        write_slots_(value, dim, index, values)
+    new_q, qs = F.quantize_blockwise(value.contiguous(), code=code, blocksize=_BNB_BLOCK)
+    q.copy_(new_q.view_as(q))
+    absmax.copy_(qs.absmax.view_as(absmax))
 
 
-def remap_optimizer(optimizer, changes: list[ParamChange]) -> int:
-    """Point the optimizer at the resized parameters, slicing their state along the rank axis.
+def _slot_indexed(value: torch.Tensor, p: torch.Tensor, dim: int) -> bool:
+    """Whether a state tensor holds one entry per slot along `dim` (and 1 or p's size along every other dim)."""
+    if value.ndim != p.ndim or value.shape[dim] != p.shape[dim]:
+        return False
+    return all(v in (1, s) for i, (v, s) in enumerate(zip(value.shape, p.shape)) if i != dim)
 
-    Surviving ranks keep their moments exactly and step counters are kept: no restart. New ranks start with zero
-    first moments (momentum, Adagrad's sum: as a fresh optimizer) and second moments (`exp_avg_sq`) seeded with the
-    surviving ranks' mean, so that Adam's mature bias correction does not blow up their first steps. State in an
-    unknown layout (e.g. Adafactor's factored moments) is dropped for that parameter only, with a warning, and
-    rebuilt by the optimizer on its next step. Returns how many parameters were remapped.
-    """
+
+@torch.no_grad()
+def reset_slot_state_(optimizer, p: torch.Tensor, dim: int, index) -> None:
+    """Zero every optimizer-state entry of `p`'s slots `index` along `dim`, in place; keep step counters and every
+    other slot's state. A no-op for a parameter without state (not stepped yet) or an optimizer that does not hold it."""
+    if optimizer is None or not len(index):
+        return
     opt = unwrap_optimizer(optimizer)
-    where = {id(p): (gi, pi) for gi, g in enumerate(opt.param_groups) for pi, p in enumerate(g["params"])}
-    remapped = 0
-    for change in changes:
-        loc = where.get(id(change.old))
-        if loc is None:
+    state = opt.state.get(p)
+    if not state:
+        return
+    eight_bit = _is_8bit(state)
+    for key, value in state.items():
+        if not torch.is_tensor(value) or value.ndim == 0 or key.startswith(("qmap", "absmax")):
             continue
-        gi, pi = loc
-        opt.param_groups[gi]["params"][pi] = change.new  # same index: state_dict order stays stable
-        state = opt.state.pop(change.old, None)
-        if state:
-            try:
-                opt.state[change.new] = {k: _resize_state_tensor(k, v, change) for k, v in state.items()}
-            except LookupError:
-                warnings.warn(
-                    f"l1ra: {type(opt).__name__} keeps optimizer state in a layout l1ra cannot slice by rank; the "
-                    "state of resized adapters is reset (other parameters keep theirs).",
-                    stacklevel=3,
-                )
-        remapped += 1
-    return remapped
+        if eight_bit and key in ("state1", "state2") and value.dtype == torch.uint8:
+            _bnb_edit_(state, key, p, dim, index, None)
+        elif _slot_indexed(value, p, dim) and value.is_floating_point():
+            fill_slots_(value, dim, index, 0.0)
+
+
+# ------------------------------------------------------------------------------------ seeding revived Adam slots
+
+
+def _adam_keys(opt: torch.optim.Optimizer, state: dict) -> Optional[tuple[str, str, Optional[str]]]:
+    """(first moment, second moment, max second moment) keys if this is an Adam-family state, else None."""
+    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and "exp_avg" in state and "exp_avg_sq" in state:
+        return "exp_avg", "exp_avg_sq", ("max_exp_avg_sq" if "max_exp_avg_sq" in state else None)
+    if getattr(opt, "optimizer_name", None) == "adam" and "state1" in state and "state2" in state:  # bitsandbytes
+        return "state1", "state2", None
+    return None
+
+
+def _set_moment_(state: dict, key: str, p, dim: int, index, values: torch.Tensor) -> None:
+    value = state[key]
+    if value.dtype == torch.uint8 and _is_8bit(state):
+        _bnb_edit_(state, key, p, dim, index, values)
+    else:
+        write_slots_(value, dim, index, values)
+
+
+class SeedHook:
+    """Optimizer step pre-hook: seeds the moments of revived slots from their own gradient (see the module doc).
+
+    `pending` is the L1RA state's `{(module, tensor kind): slots}` table; `params` maps the same keys to
+    `(parameter, rank dim)`. A slot stays pending while its gradient is all zero (a revived slot's A row and gate get
+    no gradient until its B column has moved) or not finite (a skipped mixed-precision step)."""
+
+    def __init__(self, l1ra_state):
+        self.state = l1ra_state
+
+    @torch.no_grad()
+    def __call__(self, optimizer, args, kwargs) -> None:
+        st = self.state
+        if not st.pending:
+            return
+        scale = kwargs.get("grad_scale") if kwargs else None  # fused AdamW under GradScaler: grads are still scaled
+        found_inf = kwargs.get("found_inf") if kwargs else None
+        if found_inf is not None and bool(found_inf.item()):
+            return
+        params = st.slot_params()
+        for key in list(st.pending):
+            p, dim = params[key]
+            left = seed_slots_(optimizer, p, dim, st.pending[key], scale)
+            if left:
+                st.pending[key] = left
+            else:
+                del st.pending[key]
+
+
+def seed_slots_(optimizer, p: torch.Tensor, dim: int, slots: list[int], grad_scale=None) -> list[int]:
+    """Seed Adam moments of `p`'s `slots` from the current gradient; returns the slots still waiting for one."""
+    opt = unwrap_optimizer(optimizer)
+    state = opt.state.get(p)
+    keys = _adam_keys(opt, state) if state else None
+    if keys is None:
+        # Not an Adam-family state (reset already matches a fresh optimizer), or no state yet (fresh anyway).
+        return []
+    if p.grad is None:
+        return slots
+    grad = full(p.grad).float().index_select(dim, torch.tensor(slots, device=p.grad.device))
+    if grad_scale is not None:
+        grad = grad / grad_scale.to(grad.device).float()
+    other = [d for d in range(grad.ndim) if d != dim]
+    ok = torch.isfinite(grad).all(dim=other) & (grad != 0).any(dim=other) if other else torch.isfinite(grad) & (grad != 0)
+    ok_list = ok.cpu().tolist()  # one host sync, only in the few steps after a reallocation
+    ready = [s for s, good in zip(slots, ok_list) if good]
+    if not ready:
+        return slots
+    grad = grad.index_select(dim, torch.tensor([i for i, good in enumerate(ok_list) if good], device=grad.device))
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    beta1, beta2 = (float(b) for b in group["betas"][:2])
+    t = float(state["step"]) + 1  # the step about to be taken (Adam increments its count first)
+    m = grad * (1 - beta1 ** (t - 1))  # after this step: m / (1 - beta1^t) == grad
+    v = grad.square() * (1 - beta2 ** (t - 1))  # after this step: v / (1 - beta2^t) == grad^2
+    first, second, peak = keys
+    _set_moment_(state, first, p, dim, ready, m)
+    _set_moment_(state, second, p, dim, ready, v)
+    if peak is not None:
+        _set_moment_(state, peak, p, dim, ready, v)
+    return [s for s, good in zip(slots, ok_list) if not good]
+
+
+def install_seed_hook(optimizer, l1ra_state) -> None:
+    """Register the seeding pre-hook on the torch optimizer (under any wrapper), once per optimizer."""
+    if optimizer is None:
+        return
+    opt = unwrap_optimizer(optimizer)
+    if not isinstance(opt, torch.optim.Optimizer):
+        return
+    hooks = opt.__dict__.setdefault("_l1ra_seed_hooks", {})
+    if id(l1ra_state) not in hooks:
+        hooks[id(l1ra_state)] = opt.register_step_pre_hook(SeedHook(l1ra_state))
+
+
+def local_gates(gates: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The storage the proximal step shrinks in place (a sharded gate's local shard)."""
+    return [local(g) for g in gates]
+

@@ -1,27 +1,22 @@
-"""Apply a reallocation plan to one LoRA layer: new A, B and gate parameters with the surviving ranks first."""
+"""Fixed-capacity adapters: grow each adapter once to its capacity, then prune and revive slots in place.
+
+After `grow_to_capacity_` (called by `get_l1ra_model`, before any optimizer or wrapper exists) an adapter's `lora_A`
+is `(C, in)`, `lora_B` `(out, C)` and its gate `(C,)`. Only `L1RAState.live` says which slots hold ranks. A dead slot
+has gate 0, a zero B column and a zero A row: A, B and the gate get exactly zero gradient there and the forward needs
+no mask. From then on no parameter, optimizer-state tensor or module attribute read in the forward changes.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from peft.tuners.lora import LoraLayer
 
-from .allocator import AdapterPlan
-
-
-@dataclass
-class ParamChange:
-    """A parameter replaced by a resized one; `rank_dim` is the axis that holds the ranks."""
-
-    old: nn.Parameter
-    new: nn.Parameter
-    rank_dim: int
-    keep: torch.Tensor  # long indices of the surviving ranks along rank_dim
-    n_new: int
+from .optim import reset_slot_state_
+from .slots import fill_slots_, write_slots_
 
 
 def new_lora_A_rows(n: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
@@ -30,43 +25,51 @@ def new_lora_A_rows(n: int, in_features: int, generator: torch.Generator) -> tor
     return (torch.rand(n, in_features, generator=generator, dtype=torch.float32) * 2 - 1) * bound
 
 
-def _resized(param: nn.Parameter, rank_dim: int, keep: torch.Tensor, fill: torch.Tensor) -> nn.Parameter:
-    data = torch.cat([param.detach().index_select(rank_dim, keep.to(param.device)), fill], dim=rank_dim)
+def _padded(param: nn.Parameter, dim: int, extra: int) -> nn.Parameter:
+    shape = list(param.shape)
+    shape[dim] = extra
+    data = torch.cat([param.detach(), param.new_zeros(shape)], dim=dim)
     return nn.Parameter(data.contiguous(), requires_grad=param.requires_grad)
 
 
 @torch.no_grad()
-def resize_adapter(
-    layer: LoraLayer, adapter: str, plan: AdapterPlan, new_rows: torch.Tensor
-) -> list[ParamChange]:
-    """Keep `plan.keep` ranks, append `plan.n_new` ranks with gate 1, A = `new_rows`, B = 0.
+def grow_to_capacity_(layer: LoraLayer, adapter: str, capacity: int) -> None:
+    """Append `capacity - r` dead slots (zero A rows, zero B columns) to the adapter. PEFT's `layer.r` becomes the
+    capacity; `layer.scaling` is left as PEFT computed it from the initial rank. Call before the gate is attached."""
+    lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    extra = capacity - lora_A.weight.shape[0]
+    assert extra >= 0, "capacity below the initial rank"
+    if extra:
+        lora_A.weight = _padded(lora_A.weight, 0, extra)
+        lora_B.weight = _padded(lora_B.weight, 1, extra)
+        lora_A.out_features = lora_B.in_features = capacity
+    layer.r[adapter] = capacity
 
-    Output is unchanged when the dropped ranks had gate 0, since new ranks contribute B = 0. The module objects stay
-    the same (so the gate hook stays registered); their weight parameters are replaced.
-    """
-    lora_A, lora_B, gates = layer.lora_A[adapter], layer.lora_B[adapter], layer.l1ra_gate
-    keep = torch.tensor(plan.keep, dtype=torch.long)
-    a, b, g = lora_A.weight, lora_B.weight, gates[adapter]
-    new_a = _resized(a, 0, keep, new_rows.to(device=a.device, dtype=a.dtype))
-    new_b = _resized(b, 1, keep, b.new_zeros(b.shape[0], plan.n_new))
-    new_g = _resized(g, 0, keep, g.new_ones(plan.n_new))
-    lora_A.weight, lora_A.out_features = new_a, plan.rank
-    lora_B.weight, lora_B.in_features = new_b, plan.rank
-    gates[adapter] = new_g
-    layer.r[adapter] = plan.rank
-    return [
-        ParamChange(a, new_a, 0, keep, plan.n_new),
-        ParamChange(b, new_b, 1, keep, plan.n_new),
-        ParamChange(g, new_g, 0, keep, plan.n_new),
-    ]
+
+def adapter_tensors(layer: LoraLayer, adapter: str) -> dict[str, tuple[nn.Parameter, int]]:
+    """`{kind: (parameter, rank dim)}` for the adapter's A, B and gate."""
+    return {
+        "A": (layer.lora_A[adapter].weight, 0),
+        "B": (layer.lora_B[adapter].weight, 1),
+        "gate": (layer.l1ra_gate[adapter], 0),
+    }
 
 
 @torch.no_grad()
-def set_adapter_rank(layer: LoraLayer, adapter: str, rank: int) -> None:
-    """Give the adapter `rank` ranks (for loading a checkpoint); the values are overwritten by the caller."""
-    old = layer.r[adapter]
-    if old == rank:
+def set_slots_(layer: LoraLayer, adapter: str, slots: list[int], a_rows: torch.Tensor, gate_values: torch.Tensor,
+               optimizer=None) -> None:
+    """Slots `slots` get A rows `a_rows`, gates `gate_values` and zero B columns; their optimizer state is zeroed.
+
+    Pruning passes zero rows and gates (the slot becomes dead); reviving passes new rows and gates of 1 (the B column
+    is 0, so the model's output does not change either way when the pruned gates were 0)."""
+    if not slots:
         return
-    keep = AdapterPlan(keep=tuple(range(min(old, rank))), n_new=max(0, rank - old))
-    rows = torch.zeros(keep.n_new, layer.lora_A[adapter].in_features)
-    resize_adapter(layer, adapter, keep, rows)
+    tensors = adapter_tensors(layer, adapter)
+    a, _ = tensors["A"]
+    b, _ = tensors["B"]
+    gate, _ = tensors["gate"]
+    write_slots_(a, 0, slots, a_rows)
+    fill_slots_(b, 1, slots, 0.0)
+    write_slots_(gate, 0, slots, gate_values)
+    for p, dim in tensors.values():
+        reset_slot_state_(optimizer, p, dim, slots)
