@@ -79,7 +79,9 @@ _SHARDED_HELP = (
     "without an FSDP or DeepSpeed config): LoRA adapters are small, so replicating them costs little; the base model "
     "can be quantized to save memory."
 )
-_FSDP_WHY = "FSDP flattens and shards parameters across processes, so their shapes are fixed when it wraps the model."
+_FSDP_WHY = (
+    "FSDP1 flattens parameters into flat buffers; l1ra writes rank slots through FSDP2's per-parameter DTensors only."
+)
 _DS_WHY = (
     "DeepSpeed ZeRO-3 shards parameters across processes, and ZeRO-1/2 keep flattened fp32 copies of them in the "
     "optimizer that a direct write would not reach (l1ra is not tested with DeepSpeed)."
@@ -95,19 +97,19 @@ def check_not_sharded(model: Optional[nn.Module] = None, optimizer=None, args=No
     the model's wrappers/parameters or the optimizer)."""
     fsdp = deepspeed = None
     if args is not None:
-        if getattr(args, "fsdp", None):
-            fsdp = f"TrainingArguments.fsdp={args.fsdp!r}"
+        if getattr(args, "fsdp", None) and _trainer_fsdp_version(args) != 2:
+            fsdp = f"TrainingArguments.fsdp={args.fsdp!r} with fsdp_config version {_trainer_fsdp_version(args)}"
         if getattr(args, "deepspeed", None):
             deepspeed = "TrainingArguments.deepspeed is set"
-    if _env_true("ACCELERATE_USE_FSDP"):
-        fsdp = fsdp or "ACCELERATE_USE_FSDP=true (an `accelerate launch` FSDP config)"
+    if _env_true("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1").strip() != "2":
+        fsdp = fsdp or "ACCELERATE_USE_FSDP=true with FSDP_VERSION != 2 (an `accelerate launch` FSDP1 config)"
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
         deepspeed = deepspeed or "ACCELERATE_USE_DEEPSPEED=true (an `accelerate launch` DeepSpeed config)"
     if model is not None and fsdp is None and deepspeed is None:
-        fsdp_types = _fsdp_types()
+        fsdp1 = _fsdp1_type()
         for m in model.modules():
-            if fsdp_types and isinstance(m, fsdp_types):
-                fsdp = f"the model contains {type(m).__name__}"
+            if fsdp1 is not None and isinstance(m, fsdp1):
+                fsdp = f"the model contains {type(m).__name__} (FSDP1)"
                 break
             if type(m).__name__ == "DeepSpeedEngine":
                 deepspeed = "the model is wrapped in a DeepSpeedEngine"
@@ -116,9 +118,6 @@ def check_not_sharded(model: Optional[nn.Module] = None, optimizer=None, args=No
             for name, p in model.named_parameters():
                 if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
                     deepspeed = f"parameter {name} is partitioned by DeepSpeed ZeRO-3"
-                    break
-                if type(p.data).__name__ == "DTensor" or type(p).__name__ == "DTensor":
-                    fsdp = f"parameter {name} is a sharded DTensor (FSDP2 / tensor parallel)"
                     break
     if optimizer is not None and deepspeed is None:
         opt = optimizer
@@ -130,25 +129,24 @@ def check_not_sharded(model: Optional[nn.Module] = None, optimizer=None, args=No
                 break
             opt = opt.optimizer
     if fsdp:
-        raise DistributedSetupError(f"l1ra does not support FSDP ({fsdp}). " + _SHARDED_HELP.format(what=_FSDP_WHY))
+        raise DistributedSetupError(
+            f"l1ra does not support FSDP1 ({fsdp}). Use FSDP2: torch.distributed.fsdp.fully_shard, or "
+            "fsdp_config={'version': 2} in TrainingArguments / fsdp_version: 2 in the accelerate config. " + _FSDP_WHY
+        )
     if deepspeed:
         raise DistributedSetupError(
             f"l1ra does not support DeepSpeed ({deepspeed}). " + _SHARDED_HELP.format(what=_DS_WHY)
         )
 
 
-def _fsdp_types() -> tuple:
-    types = []
+def _fsdp1_type():
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
-
-        types.append(FullyShardedDataParallel)
     except ImportError:  # pragma: no cover
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
+        return None
+    return FullyShardedDataParallel
 
-        types.append(FSDPModule)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+
+def _trainer_fsdp_version(args) -> int:
+    config = getattr(args, "fsdp_config", None) or {}
+    return int(config.get("version", config.get("fsdp_version", 2)))
