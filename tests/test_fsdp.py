@@ -19,15 +19,7 @@ REFUSAL = "l1ra does not support FSDP (the model contains FSDP"
 
 
 class FSDPRefused(AssertionError):
-    """The worker trained until `after_optimizer_step` and l1ra refused FSDP there (today's main)."""
-
-
-# Remove once fixed-capacity adapters (issue 21) are in and distributed.check_not_sharded lets FSDP2 through.
-PENDING = pytest.mark.xfail(
-    strict=True, raises=FSDPRefused,
-    reason="issue 21: l1ra.distributed.check_not_sharded refuses FSDP2 until fixed-capacity adapters replace "
-    "shape-changing reallocation",
-)
+    """The worker trained until `after_optimizer_step` and l1ra refused FSDP there (main before issue 21)."""
 
 
 def run_worker(out: Path, *args: str, nproc: int = 0) -> Path:
@@ -76,7 +68,6 @@ def assert_tensors_close(got: dict, want: dict, tol: float) -> None:
         torch.testing.assert_close(got[k], want[k], rtol=tol, atol=tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@PENDING
 def test_two_fsdp2_processes_match_one_process(runs):
     sharded, single = results(runs("fsdp")), results(runs("single"))
     (info, weights), (info1, weights1) = sharded
@@ -91,7 +82,6 @@ def test_two_fsdp2_processes_match_one_process(runs):
     assert_tensors_close(weights, ref_weights, 1e-4)
 
 
-@PENDING
 def test_fsdp2_save_pretrained_is_a_plain_peft_adapter(runs):
     out = runs("fsdp")
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -114,7 +104,6 @@ def test_fsdp2_save_pretrained_is_a_plain_peft_adapter(runs):
     torch.testing.assert_close(torch.load(peft_logits), torch.load(out / "logits.pt"), rtol=1e-5, atol=1e-5)
 
 
-@PENDING
 def test_fsdp2_resume_equals_uninterrupted_run(runs):
     """Stop after step 7 (adapter via save_pretrained, optimizer via torch.distributed.checkpoint's full state dict),
     new processes: l1ra.from_pretrained(..., is_trainable=True), fully_shard, load the optimizer, run to step 12."""
