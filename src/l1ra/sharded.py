@@ -141,12 +141,7 @@ def write_slots_(t: torch.Tensor, dim: int, index: torch.Tensor, values: torch.T
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Saving a sharded model
-
-
-def is_sharded(module) -> bool:
-    """Whether any parameter of `module` is a DTensor (FSDP2 `fully_shard`, tensor parallel)."""
-    return any(is_dtensor(p) for p in module.parameters())
+# Saving a sharded model: every process gathers (`full`), process 0 writes
 
 
 def process_index() -> int:
@@ -155,11 +150,3 @@ def process_index() -> int:
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
-
-@torch.no_grad()
-def gather_full(tensors: dict) -> dict:
-    """`tensors` with every DTensor replaced by its full value (plain tensors kept as they are).
-
-    A collective when any value is a DTensor: every process calls it with the same keys in the same order (a module's
-    `state_dict()` and `named_parameters()` are in module order, the same on every process)."""
-    return {k: full(v) if is_dtensor(v) else v for k, v in tensors.items()}
