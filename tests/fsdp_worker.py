@@ -11,6 +11,7 @@ once more, then writes (every process calls the saves, as users do):
   result-rank<R>.safetensors / .json   full (gathered) trainable tensors; rank pattern, history, step
   adapter/                             model.save_pretrained(dir)
   adapter-fullsd/                      model.save_pretrained(dir, state_dict=<get_model_state_dict(full_state_dict)>)
+  adapter-rank0/                       the same called on rank 0 only (as Trainer.save_model does under FSDP)
   logits.pt                            the trained model's logits on a fixed batch (rank 0)
 With --save-at K it stops after step K and writes ckpt/ (save_pretrained) and ckpt/optimizer.pt (the optimizer's
 full state dict from torch.distributed.checkpoint) instead; --resume DIR continues such a checkpoint.
@@ -125,6 +126,11 @@ def finish(model, optimizer, out: Path, rank: int, world: int) -> None:
     model.save_pretrained(out / "adapter")
     full_sd = get_model_state_dict(model, options=state_dict_options())
     model.save_pretrained(out / "adapter-fullsd", state_dict=full_sd)
+    # What Trainer.save_model does under FSDP (FULL_STATE_DICT): gather on every process (with cpu_offload only rank 0
+    # gets the tensors), then save_pretrained on the main process alone: no collective may run inside it.
+    rank0_sd = get_model_state_dict(model, options=state_dict_options(cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(out / "adapter-rank0", state_dict=rank0_sd, is_main_process=True)
     model.eval()
     with torch.no_grad():
         logits = model(**eval_batch()).logits

@@ -22,11 +22,11 @@ class FSDPRefused(AssertionError):
     """The worker trained until `after_optimizer_step` and l1ra refused FSDP there (main before issue 21)."""
 
 
-def run_worker(out: Path, *args: str, nproc: int = 0) -> Path:
+def run_worker(out: Path, *args: str, nproc: int = 0, timeout: int = 240) -> Path:
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
               "--master_port", str(free_port())] if nproc else [sys.executable]
     cmd = [*launch, str(WORKER), "train", "--out", str(out), *(["--fsdp"] if nproc else []), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 and REFUSAL in proc.stderr:
         raise FSDPRefused("l1ra refused FSDP2 at after_optimizer_step (training ran until there)")
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -87,6 +87,10 @@ def test_fsdp2_save_pretrained_is_a_plain_peft_adapter(runs):
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     # save_pretrained(dir) on every process and save_pretrained(dir, state_dict=<full state dict>) agree
     assert_tensors_close(load_file(str(out / "adapter-fullsd" / "adapter_model.safetensors")), adapter, 0.0)
+    # and so does save_pretrained(dir, state_dict=...) called on rank 0 alone (Trainer.save_model under FSDP)
+    assert_tensors_close(load_file(str(out / "adapter-rank0" / "adapter_model.safetensors")), adapter, 0.0)
+    for name in ("l1ra_state.safetensors", "adapter_config.json"):
+        assert (out / "adapter-rank0" / name).read_bytes() == (out / "adapter" / name).read_bytes(), name
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     info = results(out)[0][0]
     assert config["rank_pattern"] == info["ranks"]
