@@ -94,13 +94,16 @@ def state_json(peft_model) -> dict:
     }
 
 
-def state_tensors(peft_model) -> dict[str, torch.Tensor]:
-    """Raw A, gates, live-slot masks (and sensitivity sums), full capacity, on the CPU."""
+def state_tensors(peft_model, state_dict: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """Raw A, gates, live-slot masks (and sensitivity sums), full capacity, on the CPU. Read from `state_dict` when
+    given (a gathered full state dict: no collective, so one process alone may save, as Trainer does under FSDP)."""
     st = peft_model.l1ra_state
+    sd = state_dict if state_dict is not None else {}
     out = {}
     for name, layer in st.layers:
-        gate = full(layer.l1ra_gate[st.adapter])
-        out[f"{name}.lora_A"] = full(layer.lora_A[st.adapter].weight).cpu().contiguous()
+        gate = full(sd.get(_key(name, "l1ra_gate", st.adapter), layer.l1ra_gate[st.adapter]))
+        a = sd.get(_key(name, "lora_A", st.adapter, "weight"), layer.lora_A[st.adapter].weight)
+        out[f"{name}.lora_A"] = full(a).cpu().contiguous()
         out[f"{name}.gate"] = gate.cpu().contiguous()
         mask = torch.zeros(gate.shape[0], dtype=torch.uint8)
         mask[st.live[name]] = 1
@@ -120,8 +123,8 @@ def save_l1ra(peft_model, save_directory, *, super_save, is_main_process: Option
         raise ValueError(f"selected_adapters={kwargs['selected_adapters']!r}: an L1RA model has one adapter, {st.adapter!r}.")
     if not kwargs.get("safe_serialization", True):
         raise ValueError("safe_serialization=False: L1RA writes safetensors only; drop the argument.")
+    tensors = state_tensors(peft_model, kwargs.get("state_dict"))
     kwargs["state_dict"] = folded_state_dict(peft_model, kwargs.get("state_dict"))
-    tensors = state_tensors(peft_model)
     if is_main_process is None:  # sharded (FSDP2) adapters: every process gathers above, process 0 writes
         is_main_process = not any(is_dtensor(g) for g in st.gates().values()) or _process_index() == 0
     if not is_main_process:
