@@ -35,8 +35,12 @@ _BNB_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizer state: blocks of 256
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer under wrappers such as Accelerate's `AcceleratedOptimizer`."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
+    # Accelerate's AcceleratedOptimizer subclasses torch.optim.Optimizer without its __init__ (no step hooks of its own)
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
     return optimizer
 
 
