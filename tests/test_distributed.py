@@ -212,8 +212,7 @@ def test_unrebuildable_ddp_options_are_refused(gloo_group):
 
 @pytest.mark.parametrize(
     "env,kind",
-    [({"ACCELERATE_USE_FSDP": "true"}, "FSDP1.*fully_shard"),
-     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP1.*fully_shard"),
+    [({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP1.*fully_shard"),
      ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed.*DistributedDataParallel")],
 )
 def test_accelerate_sharded_configs_are_refused(monkeypatch, env, kind):
@@ -225,9 +224,13 @@ def test_accelerate_sharded_configs_are_refused(monkeypatch, env, kind):
         l1ra.after_optimizer_step(model, opt)
 
 
-def test_accelerate_fsdp2_config_is_accepted(monkeypatch):
+@pytest.mark.parametrize("version", ["2", None])  # None: an Accelerator(fsdp_plugin=...) sets no FSDP_VERSION
+def test_accelerate_fsdp2_config_is_accepted(monkeypatch, version):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
+    if version is None:
+        monkeypatch.delenv("FSDP_VERSION", raising=False)
+    else:
+        monkeypatch.setenv("FSDP_VERSION", version)
     l1ra_dist.check_not_sharded(_l1ra_model())
 
 

@@ -101,8 +101,11 @@ def check_not_sharded(model: Optional[nn.Module] = None, optimizer=None, args=No
             fsdp = f"TrainingArguments.fsdp={args.fsdp!r} with fsdp_config version {_trainer_fsdp_version(args)}"
         if getattr(args, "deepspeed", None):
             deepspeed = "TrainingArguments.deepspeed is set"
-    if _env_true("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1").strip() != "2":
-        fsdp = fsdp or "ACCELERATE_USE_FSDP=true with FSDP_VERSION != 2 (an `accelerate launch` FSDP1 config)"
+    # `accelerate launch` sets FSDP_VERSION (1 unless the config says 2); an Accelerator built with an fsdp_plugin sets
+    # only ACCELERATE_USE_FSDP, and an FSDP1 wrapper is then caught on the model below.
+    version = os.environ.get("FSDP_VERSION", "").strip()
+    if _env_true("ACCELERATE_USE_FSDP") and version not in ("", "2"):
+        fsdp = fsdp or f"ACCELERATE_USE_FSDP=true with FSDP_VERSION={version} (an `accelerate launch` FSDP1 config)"
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
         deepspeed = deepspeed or "ACCELERATE_USE_DEEPSPEED=true (an `accelerate launch` DeepSpeed config)"
     if model is not None and fsdp is None and deepspeed is None:
