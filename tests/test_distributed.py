@@ -275,3 +275,16 @@ def test_fsdp2_fully_shard_one_process_reallocates(gloo_group):
         if i % 3 == 0:
             sharded.fill_slots_(gate, 0, torch.tensor([0, 1]), 0.0)
     assert l1ra.reallocate(model, opt).moved > 0
+
+
+def test_fully_shard_before_get_l1ra_model_refused(gloo_group):
+    """LoRA layers added to an already sharded model stay plain tensors whose gradients FSDP2 never reduces."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    base = make_model("llama", seed=0)
+    fully_shard(base, mesh=init_device_mesh("cpu", (1,)))
+    model = l1ra.get_l1ra_model(base, l1ra.L1RAConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", update_every=2))
+    opt = l1ra.create_optimizer(model, lr=1e-2)
+    with pytest.raises(sharded.ShardedLayoutError, match="fully_shard ran before get_l1ra_model"):
+        l1ra.after_optimizer_step(model, opt)

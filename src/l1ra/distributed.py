@@ -131,6 +131,10 @@ def check_not_sharded(model: Optional[nn.Module] = None, optimizer=None, args=No
             if not hasattr(opt, "optimizer"):
                 break
             opt = opt.optimizer
+    if model is not None and fsdp is None and deepspeed is None:
+        from .sharded import check_consistently_sharded
+
+        check_consistently_sharded(model)
     if fsdp:
         raise DistributedSetupError(
             f"l1ra does not support FSDP1 ({fsdp}). Use FSDP2: torch.distributed.fsdp.fully_shard, or "

@@ -150,3 +150,19 @@ def process_index() -> int:
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
+
+
+def check_consistently_sharded(model) -> None:
+    """Refuse a model with sharded (DTensor) parameters and plain trainable ones: the plain ones
+    (LoRA layers added after `fully_shard`, or adapters in modules FSDP2 does not manage) get no gradient reduction,
+    so the processes drift apart silently."""
+    sharded = next((n for n, p in model.named_parameters() if is_dtensor(p)), None)
+    plain = next((n for n, p in model.named_parameters() if p.requires_grad and not is_dtensor(p)), None)
+    if sharded is None or plain is None:
+        return
+    raise ShardedLayoutError(
+        f"trainable parameter {plain} is a plain tensor while {sharded} is sharded by FSDP2: fully_shard ran before "
+        "get_l1ra_model (the LoRA layers were added to an already sharded model), or not on every module that holds "
+        "adapters. Call l1ra.get_l1ra_model on the unsharded model first, then fully_shard each decoder layer and the "
+        "root PeftModel (the Trainer with fsdp_config version 2 shards after it, in train())."
+    )
