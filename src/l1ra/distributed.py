@@ -73,18 +73,15 @@ def agree_from_rank0(
 # Sharded training: refuse
 
 
-_SHARDED_HELP = (
-    "L1RA's in-place rank updates (pruning, reviving, the proximal step and their optimizer state) are not yet written "
-    "through sharded parameters, and {what} Use DistributedDataParallel instead (plain `torchrun`/`accelerate launch` "
-    "without an FSDP or DeepSpeed config): LoRA adapters are small, so replicating them costs little; the base model "
-    "can be quantized to save memory."
-)
 _FSDP_WHY = (
     "FSDP1 flattens parameters into flat buffers; l1ra writes rank slots through FSDP2's per-parameter DTensors only."
 )
 _DS_WHY = (
-    "DeepSpeed ZeRO-3 shards parameters across processes, and ZeRO-1/2 keep flattened fp32 copies of them in the "
-    "optimizer that a direct write would not reach (l1ra is not tested with DeepSpeed)."
+    "ZeRO-1/2 keep flat fp32 master partitions of the trainable parameters and their optimizer state, and ZeRO-3 also "
+    "partitions the parameters, so l1ra's in-place slot writes (pruning, reviving, the proximal step) would have to go "
+    "through deepspeed.utils.safe_set_full_fp32_param / safe_set_full_optimizer_state, which l1ra does not do yet. "
+    "Use FSDP2 (torch.distributed.fsdp.fully_shard, or TrainingArguments(fsdp='full_shard', fsdp_config={'version': "
+    "2})) to shard, or DistributedDataParallel: LoRA adapters are small, so replicating them costs little."
 )
 
 
@@ -142,7 +139,7 @@ def check_not_sharded(model: Optional[nn.Module] = None, optimizer=None, args=No
         )
     if deepspeed:
         raise DistributedSetupError(
-            f"l1ra does not support DeepSpeed ({deepspeed}). " + _SHARDED_HELP.format(what=_DS_WHY)
+            f"l1ra does not support DeepSpeed ({deepspeed}). " + _DS_WHY
         )
 
 
