@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import l1ra
 from l1ra import distributed as l1ra_dist
+from l1ra import sharded
 from conftest import make_batch, make_model
 
 WORKER = Path(__file__).with_name("l1ra_worker.py")
@@ -180,25 +181,42 @@ def test_the_plan_inputs_are_broadcast_from_rank_0(gloo_group):
 # FSDP / DeepSpeed: refused with the reason and the alternative
 
 
-@pytest.mark.parametrize("var,kind", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_accelerate_sharded_configs_are_refused(monkeypatch, var, kind):
-    monkeypatch.setenv(var, "true")
+@pytest.mark.parametrize(
+    "env,kind",
+    [({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP1.*fully_shard"),
+     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed.*DistributedDataParallel")],
+)
+def test_accelerate_sharded_configs_are_refused(monkeypatch, env, kind):
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
     model = _l1ra_model()
     opt = l1ra.create_optimizer(model, lr=1e-2)
-    with pytest.raises(l1ra_dist.DistributedSetupError, match=f"does not support {kind}.*DistributedDataParallel"):
+    with pytest.raises(l1ra_dist.DistributedSetupError, match=f"does not support {kind}"):
         l1ra.after_optimizer_step(model, opt)
 
 
-def test_trainer_args_fsdp_refused_at_train_begin():
+@pytest.mark.parametrize("version", ["2", None])  # None: an Accelerator(fsdp_plugin=...) sets no FSDP_VERSION
+def test_accelerate_fsdp2_config_is_accepted(monkeypatch, version):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    if version is None:
+        monkeypatch.delenv("FSDP_VERSION", raising=False)
+    else:
+        monkeypatch.setenv("FSDP_VERSION", version)
+    l1ra_dist.check_not_sharded(_l1ra_model())
+
+
+def test_trainer_args_fsdp1_and_deepspeed_refused_at_train_begin():
     from types import SimpleNamespace
 
     model = _l1ra_model()
     opt = l1ra.create_optimizer(model, lr=1e-2)
-    args = SimpleNamespace(fsdp=["full_shard"], deepspeed=None)
-    with pytest.raises(l1ra_dist.DistributedSetupError, match="FSDP.*shapes are fixed"):
+    args = SimpleNamespace(fsdp=["full_shard"], fsdp_config={"version": 1}, deepspeed=None)
+    with pytest.raises(l1ra_dist.DistributedSetupError, match="FSDP1.*version 1.*fully_shard"):
         l1ra.L1RACallback().on_train_begin(args, SimpleNamespace(max_steps=10), None, model=model, optimizer=opt)
+    # FSDP2 (transformers' default fsdp_config version) passes the check
+    l1ra_dist.check_not_sharded(model, opt, SimpleNamespace(fsdp=["full_shard"], fsdp_config={}, deepspeed=None))
     args = SimpleNamespace(fsdp=[], deepspeed="ds_config.json")
-    with pytest.raises(l1ra_dist.DistributedSetupError, match="ZeRO-3 shards parameters"):
+    with pytest.raises(l1ra_dist.DistributedSetupError, match="ZeRO-1/2 keep flat fp32 master.*safe_set_full_fp32_param.*FSDP2"):
         l1ra.L1RACallback().on_train_begin(args, SimpleNamespace(max_steps=10), None, model=model, optimizer=opt)
 
 
@@ -210,19 +228,24 @@ def test_zero3_partitioned_parameters_refused():
         l1ra.after_optimizer_step(model, opt)
 
 
-def test_fsdp2_fully_shard_refused(gloo_group):
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:
-        pytest.skip("no FSDP2 in this torch")
+def test_fsdp2_fully_shard_one_process_reallocates(gloo_group):
+    """FSDP2 over a 1-process mesh: parameters are DTensors; the proximal step and a reallocation run on them (the
+    2-process runs are in tests/test_fsdp.py)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     model = _l1ra_model()
-    try:
-        fully_shard(model)
-    except Exception as err:  # pragma: no cover - CPU FSDP2 unavailable
-        pytest.skip(f"fully_shard on CPU failed: {err}")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    with pytest.raises(l1ra_dist.DistributedSetupError, match="FSDP"):
-        l1ra.reallocate(model, opt)
+    model.train()
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    opt = l1ra.create_optimizer(model, lr=1e-2)
+    model(**make_batch("llama")).loss.backward()
+    opt.step()
+    l1ra.after_optimizer_step(model, opt)
+    assert type(next(iter(l1ra.gates(model).values()))).__name__ == "DTensor"
+    for i, gate in enumerate(l1ra.gates(model).values()):
+        if i % 3 == 0:
+            sharded.fill_slots_(gate, 0, torch.tensor([0, 1]), 0.0)
+    assert l1ra.reallocate(model, opt).moved > 0
 
 
 def test_gates_cast_before_the_trainer_are_restored_before_ddp_wraps_them(tmp_path):
@@ -243,3 +266,16 @@ def test_gates_cast_before_the_trainer_are_restored_before_ddp_wraps_them(tmp_pa
     results = _results(out, 2)
     _assert_identical_across_ranks(results)
     assert all(info["gate_dtypes"] == ["torch.float32"] for info, _ in results)
+
+
+def test_fully_shard_before_get_l1ra_model_refused(gloo_group):
+    """LoRA layers added to an already sharded model stay plain tensors whose gradients FSDP2 never reduces."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    base = make_model("llama", seed=0)
+    fully_shard(base, mesh=init_device_mesh("cpu", (1,)))
+    model = l1ra.get_l1ra_model(base, l1ra.L1RAConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", update_every=2))
+    opt = l1ra.create_optimizer(model, lr=1e-2)
+    with pytest.raises(sharded.ShardedLayoutError, match="fully_shard ran before get_l1ra_model"):
+        l1ra.after_optimizer_step(model, opt)

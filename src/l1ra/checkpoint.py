@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import default_mode
 from .config import L1RAConfig
 from .history import RankHistory
-from .slots import full
+from .slots import full, is_dtensor
 from .state import live_lora_config, sync_lora_config
 
 STATE_JSON = "l1ra_state.json"
@@ -94,13 +94,16 @@ def state_json(peft_model) -> dict:
     }
 
 
-def state_tensors(peft_model) -> dict[str, torch.Tensor]:
-    """Raw A, gates, live-slot masks (and sensitivity sums), full capacity, on the CPU."""
+def state_tensors(peft_model, state_dict: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """Raw A, gates, live-slot masks (and sensitivity sums), full capacity, on the CPU. Read from `state_dict` when
+    given (a gathered full state dict: no collective, so one process alone may save, as Trainer does under FSDP)."""
     st = peft_model.l1ra_state
+    sd = state_dict if state_dict is not None else {}
     out = {}
     for name, layer in st.layers:
-        gate = full(layer.l1ra_gate[st.adapter])
-        out[f"{name}.lora_A"] = full(layer.lora_A[st.adapter].weight).cpu().contiguous()
+        gate = full(sd.get(_key(name, "l1ra_gate", st.adapter), layer.l1ra_gate[st.adapter]))
+        a = sd.get(_key(name, "lora_A", st.adapter, "weight"), layer.lora_A[st.adapter].weight)
+        out[f"{name}.lora_A"] = full(a).cpu().contiguous()
         out[f"{name}.gate"] = gate.cpu().contiguous()
         mask = torch.zeros(gate.shape[0], dtype=torch.uint8)
         mask[st.live[name]] = 1
@@ -112,7 +115,7 @@ def state_tensors(peft_model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_l1ra(peft_model, save_directory, *, super_save, is_main_process: bool = True, **kwargs) -> None:
+def save_l1ra(peft_model, save_directory, *, super_save, is_main_process: Optional[bool] = None, **kwargs) -> None:
     """Write the PEFT adapter (through PEFT's own `save_pretrained`, live ranks only) and the resume files,
     atomically per file. Every process must call it when the adapters are sharded (the tensors are gathered)."""
     st = peft_model.l1ra_state
@@ -120,8 +123,10 @@ def save_l1ra(peft_model, save_directory, *, super_save, is_main_process: bool =
         raise ValueError(f"selected_adapters={kwargs['selected_adapters']!r}: an L1RA model has one adapter, {st.adapter!r}.")
     if not kwargs.get("safe_serialization", True):
         raise ValueError("safe_serialization=False: L1RA writes safetensors only; drop the argument.")
+    tensors = state_tensors(peft_model, kwargs.get("state_dict"))
     kwargs["state_dict"] = folded_state_dict(peft_model, kwargs.get("state_dict"))
-    tensors = state_tensors(peft_model)
+    if is_main_process is None:  # sharded (FSDP2) adapters: every process gathers above, process 0 writes
+        is_main_process = not any(is_dtensor(g) for g in st.gates().values()) or _process_index() == 0
     if not is_main_process:
         return
     target = Path(save_directory)
@@ -152,6 +157,12 @@ def save_l1ra(peft_model, save_directory, *, super_save, is_main_process: bool =
             os.replace(path, final_dir / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_index() -> int:
+    from .sharded import process_index
+
+    return process_index()
 
 
 def _sha256(path: Path) -> str:

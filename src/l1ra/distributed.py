@@ -73,16 +73,15 @@ def agree_from_rank0(
 # Sharded training: refuse
 
 
-_SHARDED_HELP = (
-    "L1RA's in-place rank updates (pruning, reviving, the proximal step and their optimizer state) are not yet written "
-    "through sharded parameters, and {what} Use DistributedDataParallel instead (plain `torchrun`/`accelerate launch` "
-    "without an FSDP or DeepSpeed config): LoRA adapters are small, so replicating them costs little; the base model "
-    "can be quantized to save memory."
+_FSDP_WHY = (
+    "FSDP1 flattens parameters into flat buffers; l1ra writes rank slots through FSDP2's per-parameter DTensors only."
 )
-_FSDP_WHY = "FSDP flattens and shards parameters across processes, so their shapes are fixed when it wraps the model."
 _DS_WHY = (
-    "DeepSpeed ZeRO-3 shards parameters across processes, and ZeRO-1/2 keep flattened fp32 copies of them in the "
-    "optimizer that a direct write would not reach (l1ra is not tested with DeepSpeed)."
+    "ZeRO-1/2 keep flat fp32 master partitions of the trainable parameters and their optimizer state, and ZeRO-3 also "
+    "partitions the parameters, so l1ra's in-place slot writes (pruning, reviving, the proximal step) would have to go "
+    "through deepspeed.utils.safe_set_full_fp32_param / safe_set_full_optimizer_state, which l1ra does not do yet. "
+    "Use FSDP2 (torch.distributed.fsdp.fully_shard, or TrainingArguments(fsdp='full_shard', fsdp_config={'version': "
+    "2})) to shard, or DistributedDataParallel: LoRA adapters are small, so replicating them costs little."
 )
 
 
@@ -95,19 +94,22 @@ def check_not_sharded(model: Optional[nn.Module] = None, optimizer=None, args=No
     the model's wrappers/parameters or the optimizer)."""
     fsdp = deepspeed = None
     if args is not None:
-        if getattr(args, "fsdp", None):
-            fsdp = f"TrainingArguments.fsdp={args.fsdp!r}"
+        if getattr(args, "fsdp", None) and _trainer_fsdp_version(args) != 2:
+            fsdp = f"TrainingArguments.fsdp={args.fsdp!r} with fsdp_config version {_trainer_fsdp_version(args)}"
         if getattr(args, "deepspeed", None):
             deepspeed = "TrainingArguments.deepspeed is set"
-    if _env_true("ACCELERATE_USE_FSDP"):
-        fsdp = fsdp or "ACCELERATE_USE_FSDP=true (an `accelerate launch` FSDP config)"
+    # `accelerate launch` sets FSDP_VERSION (1 unless the config says 2); an Accelerator built with an fsdp_plugin sets
+    # only ACCELERATE_USE_FSDP, and an FSDP1 wrapper is then caught on the model below.
+    version = os.environ.get("FSDP_VERSION", "").strip()
+    if _env_true("ACCELERATE_USE_FSDP") and version not in ("", "2"):
+        fsdp = fsdp or f"ACCELERATE_USE_FSDP=true with FSDP_VERSION={version} (an `accelerate launch` FSDP1 config)"
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
         deepspeed = deepspeed or "ACCELERATE_USE_DEEPSPEED=true (an `accelerate launch` DeepSpeed config)"
     if model is not None and fsdp is None and deepspeed is None:
-        fsdp_types = _fsdp_types()
+        fsdp1 = _fsdp1_type()
         for m in model.modules():
-            if fsdp_types and isinstance(m, fsdp_types):
-                fsdp = f"the model contains {type(m).__name__}"
+            if fsdp1 is not None and isinstance(m, fsdp1):
+                fsdp = f"the model contains {type(m).__name__} (FSDP1)"
                 break
             if type(m).__name__ == "DeepSpeedEngine":
                 deepspeed = "the model is wrapped in a DeepSpeedEngine"
@@ -116,9 +118,6 @@ def check_not_sharded(model: Optional[nn.Module] = None, optimizer=None, args=No
             for name, p in model.named_parameters():
                 if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
                     deepspeed = f"parameter {name} is partitioned by DeepSpeed ZeRO-3"
-                    break
-                if type(p.data).__name__ == "DTensor" or type(p).__name__ == "DTensor":
-                    fsdp = f"parameter {name} is a sharded DTensor (FSDP2 / tensor parallel)"
                     break
     if optimizer is not None and deepspeed is None:
         opt = optimizer
@@ -129,26 +128,29 @@ def check_not_sharded(model: Optional[nn.Module] = None, optimizer=None, args=No
             if not hasattr(opt, "optimizer"):
                 break
             opt = opt.optimizer
+    if model is not None and fsdp is None and deepspeed is None:
+        from .sharded import check_consistently_sharded
+
+        check_consistently_sharded(model)
     if fsdp:
-        raise DistributedSetupError(f"l1ra does not support FSDP ({fsdp}). " + _SHARDED_HELP.format(what=_FSDP_WHY))
+        raise DistributedSetupError(
+            f"l1ra does not support FSDP1 ({fsdp}). Use FSDP2: torch.distributed.fsdp.fully_shard, or "
+            "fsdp_config={'version': 2} in TrainingArguments / fsdp_version: 2 in the accelerate config. " + _FSDP_WHY
+        )
     if deepspeed:
         raise DistributedSetupError(
-            f"l1ra does not support DeepSpeed ({deepspeed}). " + _SHARDED_HELP.format(what=_DS_WHY)
+            f"l1ra does not support DeepSpeed ({deepspeed}). " + _DS_WHY
         )
 
 
-def _fsdp_types() -> tuple:
-    types = []
+def _fsdp1_type():
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
-
-        types.append(FullyShardedDataParallel)
     except ImportError:  # pragma: no cover
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
+        return None
+    return FullyShardedDataParallel
 
-        types.append(FSDPModule)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+
+def _trainer_fsdp_version(args) -> int:
+    config = getattr(args, "fsdp_config", None) or {}
+    return int(config.get("version", config.get("fsdp_version", 2)))

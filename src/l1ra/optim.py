@@ -184,6 +184,10 @@ def seed_slots_(optimizer, p: torch.Tensor, dim: int, slots: list[int], grad_sca
     state = opt.state.get(p)
     keys = _adam_keys(opt, state) if state else None
     if keys is None:
+        if not state and (p.grad is None or not bool(full(p.grad).any())):
+            # No state and no gradient yet: e.g. torch.distributed.checkpoint's set_optimizer_state_dict initialises
+            # the state with a zero-gradient step before loading the saved state; the slots are still waiting.
+            return slots
         # Not an Adam-family state (reset already matches a fresh optimizer), or no state yet (fresh anyway).
         return []
     if p.grad is None:
