@@ -41,16 +41,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA baseline")
     p.add_argument(
         "--new-rank-v", choices=["mean", "zero"], default="mean",
-        help="Adam second moments of new ranks: 'mean' of the surviving ranks (the library's) or 'zero' (what a "
-        "plain remap gives, before the fix; an ablation of that fix)",
+        help="Adam moments of revived slots: 'mean' keeps the library's seeding (from the slot's first gradient; the "
+        "name is historical) or 'zero' (no seeding: zero moments under a mature bias correction; an ablation)",
     )
     p.add_argument("--json", type=Path, default=None, help="write every run here (rewritten after each run)")
     args = p.parse_args(argv)
     args.methods = ["lora", "l1ra_tuned"]
-    if args.new_rank_v == "zero":  # the ablation: no state key is treated as a second moment, so all are zero-filled
+    if args.new_rank_v == "zero":  # the ablation: revived slots keep the zero moments of the reset
         import l1ra.optim
 
-        l1ra.optim.SECOND_MOMENTS = ()
+        l1ra.optim.seed_slots_ = lambda *args, **kwargs: []
     specs = [dataclasses.replace(s, split="dev") for s in make_plan(args).final_specs({})]
     if specs[0].dev_size <= 0:
         p.error("--dev-size must be > 0: the sweep scores on the dev split")

@@ -171,3 +171,60 @@ def test_gates_on_two_gpus_reallocate():
         layer.to(f"cuda:{i * 2 // len(layers)}")
     kill_gates(model)
     assert l1ra.reallocate(model, None).moved > 0
+
+
+@pytest.mark.parametrize("name", ["AdamW", "PagedAdamW", "AdamW8bit", "PagedAdamW8bit"])
+def test_bitsandbytes_adamw_keeps_survivors_resets_changed_slots_and_seeds(name):
+    """bitsandbytes' CPU optimizers run here (paged ones fall back to unpaged on CPU). 32-bit state1/state2: exact,
+    like torch's. 8-bit blockwise state (min_8bit_size=0 forces it on these tiny tensors): dequantize, edit, requantize:
+    survivors are kept up to one requantization."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    model, batch = build("llama", l1ra_lambda=0.0), make_batch("llama")
+    opt = l1ra.create_optimizer(model, lr=1e-2, optimizer_cls=getattr(bnb.optim, name), min_8bit_size=0)
+    model.train()
+    for _ in range(3):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    layer = model.l1ra_state.layers[0][1]
+    b = layer.lora_B["default"].weight
+    eight = opt.state[b]["state1"].dtype == torch.uint8
+    assert eight == name.endswith("8bit")
+    from l1ra.optim import _bnb_edit_  # noqa: F401  (the 8-bit path)
+    import bitsandbytes.functional as F
+
+    def moments(p):
+        st = opt.state[p]
+        if not eight:
+            return st["state1"].clone(), st["state2"].clone()
+        return tuple(F.dequantize_blockwise(st[f"state{i}"], absmax=st[f"absmax{i}"], code=st[f"qmap{i}"],
+                                            blocksize=256).view(p.shape).clone() for i in (1, 2))
+
+    before = moments(b)
+    with torch.no_grad():
+        l1ra.gates(model)[model.l1ra_state.layers[0][0]][1] = 0.0
+    objects = {k: v for k, v in opt.state[b].items()}
+    l1ra.reallocate(model, opt)
+    after = moments(b)
+    assert all(opt.state[b][k] is v for k, v in objects.items())
+    keep = [0, 2, 3]
+    for old, new in zip(before, after):
+        if eight:  # bitsandbytes' CPU quantizer maps 0 to its nearest code, ~1e-5 of the block's absmax
+            assert float(new[:, 1].abs().max()) <= 1e-4 * float(old.abs().max())
+        else:
+            assert not new[:, 1].any()
+        if eight:
+            torch.testing.assert_close(new[:, keep], old[:, keep], rtol=0.05, atol=1e-6)
+        else:
+            assert torch.equal(new[:, keep], old[:, keep])
+    # The receiver's revived B column is seeded at its first gradient: its first update is a fresh Adam's (~lr).
+    receiver, slot = next((n, s) for n, s in l1ra.live_slots(model).items() if len(s) > 4)
+    rb = dict(model.l1ra_state.layers)[receiver].lora_B["default"].weight
+    prev = rb.detach().clone()
+    model(**batch).loss.backward()
+    opt.step()
+    step = (rb.detach() - prev)[:, slot[-1]].abs().max() / 1e-2
+    assert 0.5 <= float(step) <= 1.5, float(step)

@@ -126,7 +126,7 @@ def test_every_format_and_budget_loads_in_vanilla_peft_with_the_promised_logits(
     src, expected = run["src"], run["logits"]
     total = sum(run["ranks"].values())
     adapter = ex.read_adapter(src / "adapter")
-    small = len(adapter.modules) + total // 4
+    small = len(adapter.modules) + total // 16  # far below the trained ranks: the function must change
     keep = ex.budget_ranks(ex.singular_values(adapter), small)
     truncated = {n: best_rank_k(d, keep[n]) for n, d in ex.delta_weights(adapter).items()}
     truncated_logits = dense_logits(run, truncated)

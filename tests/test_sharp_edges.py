@@ -324,12 +324,14 @@ def test_gates_are_fp32_with_bf16_adapters_and_the_proximal_step_is_exact():
     opt = l1ra.create_optimizer(model, lr=1e-3)
     for _ in range(50):  # tau = 0.02 * 0.1 = 2e-3 per step
         l1ra.after_optimizer_step(model, opt)
-    for gate in l1ra.gates(model).values():
-        torch.testing.assert_close(gate.detach(), torch.full_like(gate, 0.9), atol=1e-5, rtol=0)  # bf16 gave 0.805
+    live = l1ra.live_slots(model)
+    for name, gate in l1ra.gates(model).items():  # live slots; dead ones stay at 0
+        expected = torch.zeros_like(gate).index_fill_(0, torch.tensor(live[name]), 0.9)
+        torch.testing.assert_close(gate.detach(), expected, atol=1e-5, rtol=0)  # bf16 gave 0.805
     l1ra.after_optimizer_step(model, opt, step=51)  # and a tau far below a bf16 step near 1 still acts
     small = _bf16_model(l1ra_lambda=1e-3)  # tau = 2e-5 < half a bf16 step at 1 (2**-9)
     l1ra.after_optimizer_step(small, l1ra.create_optimizer(small, lr=1e-3))
-    assert all(bool((g < 1).all()) for g in l1ra.gates(small).values())
+    assert all(bool((g < 1).all()) for g in l1ra.gates(small).values())  # live ones moved, dead ones are 0
 
 
 def test_bf16_adapters_train_reallocate_and_round_trip_with_fp32_gates(tmp_path):

@@ -47,7 +47,7 @@ def final_ranks(pm: nn.Module) -> tuple[dict, dict, int, int]:
     """({module: allocated rank}, {module: effective rank}, effective trainable parameters, effective LoRA
     parameters (A rows and B columns of active ranks: what a parameter budget counts)).
 
-    Allocated: the rank the tensors have. Effective: ranks that still act on the output (AdaLoRA: non-zero singular
+    Allocated: the rank the tensors have (L1RA: the live ranks; its tensors hold a fixed capacity). Effective: ranks that still act on the output (AdaLoRA: non-zero singular
     values `lora_E` after its masking; L1RA: gates above zero; LoRA: all). Effective parameters subtract the
     A row, B column (and E entry / gate) of every inactive rank from the trainable count.
     """
@@ -72,7 +72,9 @@ def final_ranks(pm: nn.Module) -> tuple[dict, dict, int, int]:
             gate = getattr(m, "l1ra_gate", {}).get("default") if hasattr(m, "l1ra_gate") else None
             r_eff = int((gate.detach().clamp(0, 1) > 0).sum()) if gate is not None else r_alloc
             per_rank = in_f + out_f + (1 if gate is not None else 0)
-        allocated[name], effective[name] = r_alloc, r_eff
+        # L1RA adapters hold a fixed capacity (m.r): report the live ranks; dead slots count as inactive parameters
+        live = getattr(getattr(pm, "l1ra_state", None), "live", {}).get(name)
+        allocated[name], effective[name] = (len(live) if live is not None else r_alloc), r_eff
         inactive_params += (r_alloc - r_eff) * per_rank
         lora_params += r_eff * (in_f + out_f)
     return allocated, effective, trainable_params(pm) - inactive_params, lora_params
