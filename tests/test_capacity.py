@@ -128,6 +128,7 @@ def test_an_adapter_larger_than_the_capacity_is_refused_naming_max_rank(tmp_path
     assert l1ra.rank_pattern(roomy) == l1ra.rank_pattern(big)
 
 
+@pytest.mark.slow
 def test_reallocations_add_no_graph_under_torch_compile():
     from torch._dynamo.testing import CompileCounter
 

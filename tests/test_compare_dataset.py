@@ -80,6 +80,7 @@ def test_help_shows_the_dataset_flags(capsys):
         assert flag in text, flag
 
 
+@pytest.mark.slow
 def test_compare_on_a_users_file_end_to_end(tmp_path, tiny_llm):
     """Tuning on the file's dev split, then LoRA and tuned L1RA on its test split, paired by seed; a second sitting
     with the same command runs nothing."""

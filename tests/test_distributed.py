@@ -248,6 +248,7 @@ def test_fsdp2_fully_shard_one_process_reallocates(gloo_group):
     assert l1ra.reallocate(model, opt).moved > 0
 
 
+@pytest.mark.slow
 def test_gates_cast_before_the_trainer_are_restored_before_ddp_wraps_them(tmp_path):
     """TRL casts a quantized model's trainable parameters (the gates too) to bf16 before the Trainer exists; L1RA must
     restore them to fp32 before the Trainer wraps the model in DDP, whose gradient hooks hang on each parameter's

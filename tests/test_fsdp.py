@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from test_sharded import ROOT, env, free_port
 
+pytestmark = pytest.mark.slow  # starts several processes
+
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 REFUSAL = "l1ra does not support FSDP (the model contains FSDP"
 

@@ -14,6 +14,8 @@ import torch
 
 from l1ra import sharded
 
+pytestmark = pytest.mark.slow  # starts several processes
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("sharded_slots_worker.py")
 

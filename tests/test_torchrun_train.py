@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import sys
 from l1ra.app.cli import main
 from test_cli import qa_jsonl, tiny_llm  # noqa: F401 -- module-scoped fixtures: a tiny Llama and a tiny QA dataset
 from test_distributed import ROOT, _env, _free_port
+
+pytestmark = pytest.mark.slow  # starts several processes
 
 # no --r: torchrun's own parser takes `--r` as an abbreviation of its options
 FLAGS = ["--max-steps", "4", "--max-length", "48", "--eval-steps", "2", "--save-steps", "2", "--update-every", "2",
