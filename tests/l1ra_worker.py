@@ -70,7 +70,7 @@ def run_plain(args) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("gloo")
-    model = l1ra.get_l1ra_model(make_model("llama", seed=0), config())
+    model = l1ra.get_l1ra_model(make_model("llama", seed=0), config(**revive_options(args)))
     model.train()
     optimizer = l1ra.create_optimizer(model, lr=2e-2)
     wrapped = DDP(model, find_unused_parameters=args.find_unused, static_graph=args.static_graph) if world > 1 else model
@@ -161,7 +161,8 @@ def run_trainer(args) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     torch.manual_seed(0)
-    model = l1ra.get_l1ra_model(make_model("llama", seed=0), config(lora_dropout=0.1, update_every=3, l1ra_lambda=3.0))
+    model = l1ra.get_l1ra_model(make_model("llama", seed=0), config(
+        lora_dropout=0.1, update_every=3, l1ra_lambda=3.0, **revive_options(args)))
     data = [global_batch(i, 1) for i in range(64)]
     data = [{k: v[0] for k, v in d.items()} for d in data]
     out = Path(args.out)
@@ -203,6 +204,11 @@ def run_trainer(args) -> None:
     write_result(out, model, rank, extra)
 
 
+def revive_options(args) -> dict:
+    """How new ranks start (issue 24): --new-rank-init gradient, --grace K."""
+    return dict(new_rank_init=args.new_rank_init, new_rank_grace=args.grace)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["plain", "trainer"])
@@ -216,6 +222,8 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--stop-after", type=int, default=0)
     parser.add_argument("--quantized-cast", action="store_true")
+    parser.add_argument("--new-rank-init", default="random")
+    parser.add_argument("--grace", type=int, default=0)
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     run_plain(args) if args.mode == "plain" else run_trainer(args)

@@ -8,7 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from . import distributed
-from .model import after_optimizer_step, find_l1ra_model, gate_learning_rates, gates
+from .model import after_optimizer_step, arm_gradient_capture, find_l1ra_model, gate_learning_rates, gates
 from .optim import install_seed_hook, unwrap_optimizer
 
 
@@ -48,6 +48,7 @@ class L1RACallback(TrainerCallback):
             )
         restore_fp32_gates(peft_model, opt)  # one process: nothing hangs on the gates yet (callback added late)
         install_seed_hook(opt, peft_model.l1ra_state)  # revived slots (also those a resumed checkpoint left pending)
+        arm_gradient_capture(peft_model.l1ra_state)  # new_rank_init='gradient' and a reallocation after the first step
         live = list(gates(peft_model).values())
         gate_learning_rates(
             peft_model, opt, fix="pass optimizers=(l1ra.create_optimizer(model, lr=args.learning_rate), None) to the Trainer"

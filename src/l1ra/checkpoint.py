@@ -89,6 +89,7 @@ def state_json(peft_model) -> dict:
         "ranks": st.ranks(),
         "capacity": st.capacities(),
         "pending": [[name, kind, slots] for (name, kind), slots in sorted(st.pending.items())],
+        "grace": [[name, slot, until] for name, record in sorted(st.grace.items()) for slot, until in sorted(record.items())],
         "config": config_to_dict(st.config),
         "history": st.history.to_json(),
     }
@@ -379,6 +380,9 @@ def _restore_meta(st, meta: dict, raw: dict, slots: dict, caps: dict) -> None:
     st.history = RankHistory.from_json(meta.get("history", []))
     pending = meta.get("pending", [])
     st.pending = {(name, kind): list(map(int, s)) for name, kind, s in pending} if isinstance(pending, list) else {}
+    st.grace = {}
+    for name, slot, until in meta.get("grace", []):
+        st.grace.setdefault(name, {})[int(slot)] = int(until)
     parts = []
     for name, _ in st.layers:
         part = raw.get(f"{name}.sensitivity")

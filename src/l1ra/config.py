@@ -25,6 +25,8 @@ L1RA_FIELDS = (
     "total_steps",
     "budget_unit",
     "receiver_signal",
+    "new_rank_init",
+    "new_rank_grace",
 )
 
 
@@ -149,6 +151,26 @@ class L1RAConfig(LoraConfig):
         },
     )
 
+    new_rank_init: str = field(
+        default="random",
+        metadata={
+            "help": "How a rank handed to an adapter starts (its B column is always 0, so the model's output does not "
+            "change). 'random': a random A row, like LoRA's own init (the paper's). 'gradient' (experimental): the top "
+            "right singular direction of the module's weight gradient over the optimizer step before the "
+            "reallocation, orthogonal to the adapter's live A rows, so the rank gets the largest gradient any A row "
+            "could get and learns from its first step. The gradient is sketched (randomized, a few dozen columns per "
+            "module) during that one step only; the base weights never change."
+        },
+    )
+    new_rank_grace: Union[float, int] = field(
+        default=0,
+        metadata={
+            "help": "Optimizer steps a new rank is exempt from the L1 (proximal) step, so it is judged only after it "
+            "had a chance to learn: an int is a number of steps, a float in (0, 1) a fraction of the total steps. "
+            "0: no grace (the paper's)."
+        },
+    )
+
     def __post_init__(self):
         _check_init_lora_weights(self.init_lora_weights)  # before PEFT's checks, which ask for e.g. a loftq_config
         super().__post_init__()
@@ -213,6 +235,20 @@ class L1RAConfig(LoraConfig):
             fail("budget_unit", self.budget_unit, "use 'rank' (the paper's budget) or 'params' (LoRA parameters).")
         if self.receiver_signal not in ("min_gate", "sensitivity"):
             fail("receiver_signal", self.receiver_signal, "use 'min_gate' (the paper's order) or 'sensitivity'.")
+        if self.new_rank_init not in ("random", "gradient"):
+            fail("new_rank_init", self.new_rank_init, "use 'random' (the paper's) or 'gradient'.")
+        if is_int(self.new_rank_grace):
+            if self.new_rank_grace < 0:
+                fail("new_rank_grace", self.new_rank_grace, "an integer grace must be >= 0 optimizer steps.")
+        elif is_real(self.new_rank_grace):
+            if not (0 < self.new_rank_grace < 1):
+                fail(
+                    "new_rank_grace",
+                    self.new_rank_grace,
+                    "a float is a fraction of the total steps and must be in (0, 1); use an int for a step count.",
+                )
+        else:
+            fail("new_rank_grace", self.new_rank_grace, "use an int >= 0 or a float in (0, 1).")
         if self.use_dora:
             fail("use_dora", self.use_dora, "L1RA gates LoRA's rank; DoRA's magnitude term is not gated. Set use_dora=False.")
         if getattr(self, "target_parameters", None):
@@ -247,6 +283,17 @@ class L1RAConfig(LoraConfig):
                 "update_every."
             )
         return max(1, round(self.update_every * total_steps))
+
+    def grace_steps(self, total_steps: Optional[int]) -> int:
+        """Optimizer steps a new rank is exempt from the L1 step."""
+        if isinstance(self.new_rank_grace, numbers.Integral):
+            return int(self.new_rank_grace)
+        if total_steps is None:
+            raise ValueError(
+                f"L1RAConfig.new_rank_grace={self.new_rank_grace!r} is a fraction of the total steps, but the total is "
+                "unknown: set L1RAConfig(total_steps=...) (or l1ra.set_total_steps(model, n)), or use an integer."
+            )
+        return max(1, round(self.new_rank_grace * total_steps))
 
     def l1_start_step(self, total_steps: Optional[int]) -> int:
         """Optimizer steps taken without the L1 penalty (it applies from step `l1_start_step + 1` on)."""

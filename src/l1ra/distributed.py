@@ -69,6 +69,33 @@ def agree_from_rank0(
     return buf[:n].clone(), (buf[n:].clone() if sensitivity is not None else None)
 
 
+@torch.no_grad()
+def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor summed over the processes of the default group (one collective on a flat fp32 buffer), returned
+    on the CPU; unchanged (on the CPU) with one process."""
+    if _world() == 1:
+        return [t.detach().float().cpu() for t in tensors]
+    import torch.distributed as dist
+
+    device = _broadcast_device(tensors[0].device if tensors else None)
+    buf = torch.cat([t.detach().reshape(-1).to(device, torch.float32) for t in tensors]).contiguous()
+    dist.all_reduce(buf)
+    buf = buf.cpu()
+    return [part.view(t.shape).clone() for part, t in zip(torch.split(buf, [t.numel() for t in tensors]), tensors)]
+
+
+@torch.no_grad()
+def from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """`t` (a CPU tensor of the same shape on every process) as rank 0 holds it."""
+    if _world() == 1:
+        return t
+    import torch.distributed as dist
+
+    buf = t.detach().float().to(_broadcast_device()).contiguous()
+    dist.broadcast(buf, src=0)
+    return buf.cpu().to(t.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sharded training: refuse
 

@@ -13,7 +13,7 @@ from peft import PeftModel
 from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.tuners.lora import LoraLayer
 
-from . import amp, distributed
+from . import amp, distributed, revive
 from .allocator import is_reallocation_step, plan_reallocation
 from .checkpoint import load_into, read_config, save_l1ra
 from .config import L1RAConfig
@@ -37,7 +37,9 @@ class L1RAModelMixin:
 
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
         if adapter_name == self.l1ra_state.adapter:
-            return load_into(self, model_id)
+            result = load_into(self, model_id)
+            arm_gradient_capture(self.l1ra_state)  # a resume right before a reallocation
+            return result
         raise ValueError(one_adapter_message(self, adapter_name))
 
     # Merging needs nothing here: every gated layer's `get_delta_weight` includes its gate (see l1ra.gates), so
@@ -276,11 +278,23 @@ def after_optimizer_step(
         kept = amp.kept_factor(skipped, live[0].device) if live else None
         if st.config.receiver_signal == "sensitivity":
             accumulate_sensitivity_(peft_model, kept)  # reads the gradients before the L1 step moves the gates
+        held = revive.held_gates(st, step) if st.grace else []  # new ranks in their grace period skip the L1 step
         apply_l1_(peft_model, optimizer, None if step > l1_start else 0.0, kept=kept)  # before l1_start: only the box
+        revive.restore_held(held)
     st.step = step
-    if is_reallocation_step(st.step, interval, st.total_steps):
-        return reallocate(model, optimizer)
-    return None
+    event = reallocate(model, optimizer) if is_reallocation_step(st.step, interval, st.total_steps) else None
+    arm_gradient_capture(st)
+    return event
+
+
+def arm_gradient_capture(st) -> None:
+    """new_rank_init='gradient': sketch the weight gradients during the coming optimizer step when a reallocation
+    follows it (called after every optimizer step, and after a resume)."""
+    cfg = st.config
+    if cfg.new_rank_init != "gradient" or (st.total_steps is None and not isinstance(cfg.update_every, int)):
+        return
+    if is_reallocation_step(st.step + 1, cfg.update_interval(st.total_steps), st.total_steps):
+        revive.arm(st, cfg.seed)
 
 
 def accumulate_sensitivity_(peft_model, kept: Optional[torch.Tensor] = None) -> None:
@@ -360,14 +374,13 @@ def reallocate(model: nn.Module, optimizer=None) -> ReallocationEvent:
         **(dict(costs=rank_costs(st.layers, st.adapter, "params"), budget=st.budget)
            if getattr(cfg, "budget_unit", "rank") == "params" else {}),
     )
-    generator = _generator(cfg.seed, st.reallocations)
+    rows = _new_rows(st, plans)
     pruned, added = {}, {}
     for (name, layer), plan in zip(st.layers, plans):
-        rows = new_lora_A_rows(plan.n_new, layer.lora_A[st.adapter].in_features, generator)
         live = st.live[name]
         if plan.n_new == 0 and len(plan.keep) == len(live):
             continue
-        pruned_n, new_slots = _apply_plan(st, name, layer, plan, rows, optimizer)
+        pruned_n, new_slots = _apply_plan(st, name, layer, plan, rows[name], optimizer)
         if pruned_n:
             pruned[name] = pruned_n
         if new_slots:
@@ -377,6 +390,33 @@ def reallocate(model: nn.Module, optimizer=None) -> ReallocationEvent:
     event = ReallocationEvent(step=st.step, ranks=rank_pattern(peft_model), pruned=pruned, added=added)
     st.history.record(event)
     return event
+
+
+def _new_rows(st, plans) -> dict[str, torch.Tensor]:
+    """Each adapter's A rows for its new ranks (n_new x in, fp32, CPU): random like LoRA's init, or (new_rank_init=
+    'gradient') the sketched gradient's top directions orthogonal to the surviving rows, the same on every process."""
+    generator = _generator(st.config.seed, st.reallocations)
+    rows = {name: new_lora_A_rows(plan.n_new, layer.lora_A[st.adapter].in_features, generator)
+            for (name, layer), plan in zip(st.layers, plans)}
+    if st.config.new_rank_init != "gradient":
+        return rows
+    sketches = revive.disarm(st)
+    if sketches is None:
+        warnings.warn(
+            "l1ra: new_rank_init='gradient' found no sketched gradient (reallocate was called outside the schedule of "
+            "after_optimizer_step); the new ranks start from random rows made orthogonal to the live ones.",
+            stacklevel=3,
+        )
+    receivers = [(name, layer, plan) for (name, layer), plan in zip(st.layers, plans) if plan.n_new]
+    for name, layer, plan in receivers:
+        a = full(layer.lora_A[st.adapter].weight)
+        kept = a[[st.live[name][k] for k in plan.keep]]
+        rows[name] = revive.gradient_rows(sketches.get(name) if sketches else None, kept, plan.n_new, rows[name])
+    if receivers:  # one broadcast: every process writes rank 0's rows
+        flat = distributed.from_rank0(torch.cat([rows[name].reshape(-1) for name, _, _ in receivers]))
+        for (name, _, _), part in zip(receivers, torch.split(flat, [rows[n].numel() for n, _, _ in receivers])):
+            rows[name] = part.view_as(rows[name])
+    return rows
 
 
 def _apply_plan(st, name: str, layer, plan, rows: torch.Tensor, optimizer) -> tuple[int, list[int]]:
@@ -394,6 +434,8 @@ def _apply_plan(st, name: str, layer, plan, rows: torch.Tensor, optimizer) -> tu
     gate_values = torch.cat([torch.zeros(len(killed)), torch.ones(len(new_slots))])
     set_slots_(layer, st.adapter, slots, a_rows, gate_values, optimizer)
     st.live[name] = sorted(keep + new_slots)
+    revive.end_grace(st, name, slots)
+    revive.start_grace(st, name, new_slots, st.config.grace_steps(st.total_steps))
     for kind in ("A", "B", "gate"):
         waiting = [s for s in st.pending.pop((name, kind), []) if s not in set(slots)] + new_slots
         if waiting:
@@ -410,4 +452,6 @@ def from_pretrained(model: nn.Module, directory, adapter_name: str = "default", 
     config.inference_mode = not is_trainable
     peft_model = get_l1ra_model(model, config, adapter_name=adapter_name)
     load_into(peft_model, directory)
+    if is_trainable:
+        arm_gradient_capture(peft_model.l1ra_state)
     return peft_model

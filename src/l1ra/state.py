@@ -34,6 +34,9 @@ class L1RAState:
     live: dict[str, list[int]] = field(default_factory=dict)  # module name -> live slot indices, sorted
     # Revived slots whose Adam moments wait to be seeded from their first gradient: (module, 'A'|'B'|'gate') -> slots
     pending: dict[tuple[str, str], list[int]] = field(default_factory=dict, repr=False)
+    # new_rank_grace: module name -> {slot: last optimizer step the slot skips the L1 step}
+    grace: dict[str, dict[int, int]] = field(default_factory=dict)
+    capture: object = field(default=None, repr=False)  # new_rank_init='gradient': the armed l1ra.revive.GradientCapture
     setup_checked: bool = field(default=False, repr=False)
     # receiver_signal='sensitivity': |gate * grad| per slot (flat over all capacities, module order), summed since the
     # last reallocation

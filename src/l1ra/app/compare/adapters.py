@@ -87,8 +87,13 @@ def _l1ra(model: nn.Module, spec, common: dict):
     for k in ("update_every", "l1_start"):  # >= 1 is a step count
         if k in extra and float(extra[k]).is_integer() and extra[k] >= 1:
             extra[k] = int(extra[k])
+    grace = spec.new_rank_grace
+    if spec.capacity_factor is not None:
+        extra["max_rank"] = spec.capacity_factor * spec.rank
     cfg = L1RAConfig(**common, reassign=spec.reassign, budget_unit=spec.budget_unit,
-                     receiver_signal=spec.receiver_signal, seed=spec.seed, total_steps=spec.steps, **extra)
+                     receiver_signal=spec.receiver_signal, seed=spec.seed, total_steps=spec.steps,
+                     new_rank_init=spec.new_rank_init,
+                     new_rank_grace=grace if 0 < grace < 1 else int(grace), **extra)
     pm = l1ra_model.get_l1ra_model(model, cfg)
     opt = l1ra_model.create_optimizer(pm, lr=spec.lr, weight_decay=spec.weight_decay)
 

@@ -97,6 +97,9 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
                         "beyond, up to this many times per method (default 2; 0: the grid only)")
     tuning.add_argument("--tune-seeds", type=int, default=1,
                         help="--tune: how many of the seeds (the first) tune (default 1)")
+    tuning.add_argument("--dev-only", action="store_true",
+                        help="--tune only: stop after the dev-split runs, score nothing on the reported split (decide "
+                        "settings on dev first)")
     tuning.add_argument("--dev-size", type=int, default=None,
                         help="examples carved from the training data as the dev split (seeded; default per task)")
 
@@ -204,7 +207,8 @@ def run_from_args(args, argv: Optional[Sequence[str]] = None) -> int:
           + f" -> {output_dir}", flush=True)
     timing_steps = args.timing_steps if args.timing_steps is not None else (3 if args.quick else 20)
     results = run_compare(plan, output_dir, isolate=not args.in_process, command=command,
-                          log=lambda msg: print(msg, flush=True), timing_steps=timing_steps, jobs=args.jobs)
+                          log=lambda msg: print(msg, flush=True), timing_steps=timing_steps, jobs=args.jobs,
+                          dev_only=args.dev_only)
     print((Path(output_dir) / "results.md").read_text())
     return 1 if results["failures"] else 0
 

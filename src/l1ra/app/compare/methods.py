@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ...config import CAPACITY_FACTOR
+
 # The rows, in table order. What each one is:
 METHODS = {
     "base": "untrained adapters (LoRA with B = 0): the model before fine-tuning (with a fresh head for classification)",
@@ -24,9 +26,15 @@ METHODS = {
     "l1ra_gates": "l1ra_tuned with lambda 0 and no reallocation: the gates alone, no rank moves",
     "l1ra_prune": "l1ra_tuned with reassign=False: prune only (SoRA-like)",
     "l1ra_params": "l1ra_tuned with budget_unit='params': the budget counts LoRA parameters, not ranks",
+    "l1ra_grad": "l1ra_tuned with new_rank_init='gradient': a new rank's A row is the top direction of its module's "
+    "weight gradient, orthogonal to the live rows (experimental)",
+    "l1ra_grace": "l1ra_tuned with new_rank_grace=0.1: a new rank skips the L1 step for one reallocation interval "
+    "(experimental)",
+    "l1ra_grad_grace": "l1ra_tuned with both new_rank_init='gradient' and new_rank_grace=0.1 (experimental)",
     "dora": "PEFT DoRA (LoraConfig(use_dora=True))",
 }
-L1RA_METHODS = ("l1ra", "l1ra_tuned", "l1ra_nol1", "l1ra_gates", "l1ra_prune", "l1ra_params")
+L1RA_METHODS = ("l1ra", "l1ra_tuned", "l1ra_nol1", "l1ra_gates", "l1ra_prune", "l1ra_params", "l1ra_grad",
+                "l1ra_grace", "l1ra_grad_grace")
 DEFAULT_METHODS = ("base", "head_only", "lora", "adalora", "adalora_paper", "l1ra", "l1ra_tuned", "l1ra_nol1",
                    "l1ra_gates", "l1ra_prune", "l1ra_params")
 CLASSIFICATION_ONLY = ("head_only",)
@@ -34,12 +42,14 @@ LABELS = {
     "base": "untrained", "head_only": "head only", "lora": "LoRA", "adalora": "AdaLoRA (PEFT defaults)",
     "adalora_paper": "AdaLoRA (paper settings)", "l1ra": "L1RA (library defaults)", "l1ra_tuned": "L1RA (tuned)",
     "l1ra_nol1": "L1RA gates, no L1", "l1ra_gates": "L1RA gates, no rank moves", "l1ra_prune": "L1RA prune-only",
-    "l1ra_params": "L1RA, parameter budget", "dora": "DoRA",
+    "l1ra_params": "L1RA, parameter budget", "l1ra_grad": "L1RA, gradient-init new ranks",
+    "l1ra_grace": "L1RA, grace for new ranks", "l1ra_grad_grace": "L1RA, gradient init + grace", "dora": "DoRA",
 }
 # L1RA's short-run setting: the library defaults shrink a gate by at most 2e-3 per step, so no rank moves in a few
 # hundred steps. Chosen on the sentiment dev split (benchmarks/results/sweep_sentiment_dev.json: 500 steps, 2 seeds;
 # lambda 0.1 / 0.2 / 0.4 scored 0.817 / 0.809 / 0.794 against LoRA's 0.822): the weakest L1 that still moves rank.
 TUNED_L1RA = {"l1ra_lambda": 0.1, "eta_c": 0.1, "l1_start": 0.25}
+GRACE = 0.1  # l1ra_grace: one reallocation interval at the default update_every
 NO_REALLOCATION = 10**9  # update_every (optimizer steps) for l1ra_gates
 # The RunSpec fields passed on to L1RAConfig when set (None keeps the library's default).
 L1RA_OPTIONS = ("l1ra_lambda", "eta_c", "update_every", "l1_start", "prune_threshold")
@@ -59,7 +69,8 @@ def method_fields(method: str, l1ra_tuned: dict, update_every: Optional[float],
         return dict(ADALORA_SETTINGS[method])
     if method not in L1RA_METHODS:
         return {}
-    shared = dict(update_every=update_every, prune_threshold=prune_threshold)
+    # capacity_factor marks the fixed-capacity design (issue 21): runs recorded before it keep their old keys
+    shared = dict(update_every=update_every, prune_threshold=prune_threshold, capacity_factor=CAPACITY_FACTOR)
     if method == "l1ra":  # the library defaults: the paper's method
         return shared
     fields = dict(shared, **l1ra_tuned)
@@ -71,4 +82,8 @@ def method_fields(method: str, l1ra_tuned: dict, update_every: Optional[float],
         fields["reassign"] = False
     elif method == "l1ra_params":
         fields["budget_unit"] = "params"
+    if method in ("l1ra_grad", "l1ra_grad_grace"):
+        fields["new_rank_init"] = "gradient"
+    if method in ("l1ra_grace", "l1ra_grad_grace"):
+        fields["new_rank_grace"] = GRACE
     return fields

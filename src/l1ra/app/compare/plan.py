@@ -15,7 +15,10 @@ from .tasks import CLASSIFICATION_TASKS, DEFAULTS
 
 # Fields added after results were recorded, with their default: left out of a spec's key at that default, so the
 # recorded runs keep their key (and are not run again).
-HASH_NEUTRAL_DEFAULTS = {"receiver_signal": "min_gate", "user_data": None}
+HASH_NEUTRAL_DEFAULTS = {
+    "receiver_signal": "min_gate", "user_data": None, "new_rank_init": "random", "new_rank_grace": 0.0,
+    "capacity_factor": None,
+}
 
 
 class PlanError(ValueError):
@@ -55,6 +58,9 @@ class RunSpec:
     reassign: bool = True
     budget_unit: str = "rank"
     receiver_signal: str = "min_gate"
+    new_rank_init: str = "random"
+    new_rank_grace: float = 0.0  # a fraction of the steps (< 1) or a step count
+    capacity_factor: Optional[int] = None  # L1RA rows: max_rank = capacity_factor * rank (the fixed-capacity design)
     # AdaLoRA (fractions of the steps for tinit/tfinal)
     adalora_init_ratio: float = 1.5
     adalora_tinit: float = 0.0
@@ -146,6 +152,8 @@ def _check_run_shape(args, steps: int, dev_size: int) -> None:
         raise PlanError(f"--jobs {args.jobs}: use 1 or more")
     if args.jobs > 1 and args.in_process:
         raise PlanError("--jobs > 1 runs each run in its own process; drop --in-process")
+    if getattr(args, "dev_only", False) and not args.tune:
+        raise PlanError("--dev-only stops after the tuning runs: add --tune")
     if args.tune and dev_size <= 0:
         raise PlanError("--tune needs a dev split: --dev-size must be > 0")
     if args.tune_extend < 0:

@@ -173,10 +173,11 @@ def _open_sitting(results: dict, first: RunSpec, command: str, isolate: bool, jo
 
 def run_compare(
     specs_or_plan, output_dir: Path, *, isolate: bool = True, command: str = "", log=print, timing_steps: int = 0,
-    jobs: int = 1,
+    jobs: int = 1, dev_only: bool = False,
 ) -> dict:
     """Tune (if the plan has a grid), run the final specs, then (with `timing_steps`) the interleaved step timing,
-    then write results.md and the figure. Runs already in `output_dir/results.json` are reused."""
+    then write results.md and the figure. Runs already in `output_dir/results.json` are reused. `dev_only`: stop
+    after the tuning (nothing is scored on the reported split)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "logs").mkdir(exist_ok=True)
@@ -190,7 +191,7 @@ def run_compare(
         lr_by_method = {}
         if plan.lr_grid:
             lr_by_method = tune(plan, results, output_dir, task, isolate=isolate, jobs=jobs, log=log)
-        specs = plan.final_specs(lr_by_method)
+        specs = [] if dev_only else plan.final_specs(lr_by_method)
     else:
         specs = list(specs_or_plan)
     runs = run_specs(specs, results, output_dir, isolate=isolate, jobs=jobs, log=log)
