@@ -196,11 +196,15 @@ def test_a_field_added_later_keeps_the_hash_of_recorded_runs():
     import hashlib
 
     s = spec("l1ra_tuned", l1ra_lambda=0.1)
-    before_the_field = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("receiver_signal", "user_data")}
+    later = ("receiver_signal", "user_data", "new_rank_init", "new_rank_grace", "capacity_factor")
+    before_the_field = {k: v for k, v in dataclasses.asdict(s).items() if k not in later}
     assert spec_hash(s) == hashlib.sha256(json.dumps(before_the_field, sort_keys=True).encode()).hexdigest()[:16]
     other = dataclasses.replace(s, receiver_signal="sensitivity")
     assert spec_hash(other) != spec_hash(s)
     assert RunSpec(**other.to_dict()) == other and RunSpec(**s.to_dict()) == s
+    for field, value in (("new_rank_init", "gradient"), ("new_rank_grace", 0.1), ("capacity_factor", 2)):
+        changed = dataclasses.replace(s, **{field: value})
+        assert spec_hash(changed) != spec_hash(s) and RunSpec(**changed.to_dict()) == changed
     mine = dataclasses.replace(s, task="dataset", user_data={"file": "/d/qa.jsonl", "sha256": "0" * 16})
     assert spec_hash(mine) != spec_hash(s) and RunSpec(**mine.to_dict()) == mine
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ...config import CAPACITY_FACTOR
-
 # The rows, in table order. What each one is:
 METHODS = {
     "base": "untrained adapters (LoRA with B = 0): the model before fine-tuning (with a fresh head for classification)",
@@ -69,6 +67,8 @@ def method_fields(method: str, l1ra_tuned: dict, update_every: Optional[float],
         return dict(ADALORA_SETTINGS[method])
     if method not in L1RA_METHODS:
         return {}
+    from ...config import CAPACITY_FACTOR  # here: importing compare stays torch-free
+
     # capacity_factor marks the fixed-capacity design (issue 21): runs recorded before it keep their old keys
     shared = dict(update_every=update_every, prune_threshold=prune_threshold, capacity_factor=CAPACITY_FACTOR)
     if method == "l1ra":  # the library defaults: the paper's method
