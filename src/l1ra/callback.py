@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from . import distributed
 from .model import after_optimizer_step, arm_gradient_capture, find_l1ra_model, gate_learning_rates, gates
 from .optim import install_seed_hook, unwrap_optimizer
+from .schedule import lr_factors_from, unreachable_message
 
 
 class L1RACallback(TrainerCallback):
@@ -49,6 +50,11 @@ class L1RACallback(TrainerCallback):
         restore_fp32_gates(peft_model, opt)  # one process: nothing hangs on the gates yet (callback added late)
         install_seed_hook(opt, peft_model.l1ra_state)  # revived slots (also those a resumed checkpoint left pending)
         arm_gradient_capture(peft_model.l1ra_state)  # new_rank_init='gradient' and a reallocation after the first step
+        if state.is_world_process_zero and state.global_step == 0:
+            factors = lr_factors_from(kwargs.get("lr_scheduler"), state.max_steps)
+            message = unreachable_message(peft_model.l1ra_state.config, state.max_steps, factors)
+            if message:
+                warnings.warn(message, stacklevel=2)
         live = list(gates(peft_model).values())
         gate_learning_rates(
             peft_model, opt, fix="pass optimizers=(l1ra.create_optimizer(model, lr=args.learning_rate), None) to the Trainer"

@@ -65,6 +65,14 @@ class L1RAState:
         return {(name, kind): v for name, layer in self.layers for kind, v in adapter_tensors(layer, self.adapter).items()}
 
 
+def rank_costs(layers, adapter: str, unit: str) -> list[int]:
+    """What one rank of each adapter costs in the budget's unit: 1 ('rank'), or in_features + out_features
+    ('params': one row of A and one column of B)."""
+    if unit == "rank":
+        return [1] * len(layers)
+    return [layer.lora_A[adapter].in_features + layer.lora_B[adapter].out_features for _, layer in layers]
+
+
 def _alpha(layer, adapter: str, r: int) -> float:
     """The lora_alpha that gives rank `r` the scaling the adapter trains with (`lora_alpha / r_initial`)."""
     scaling = layer.scaling[adapter]
