@@ -189,17 +189,6 @@ def set_total_steps(model: nn.Module, total_steps: int) -> None:
     find_l1ra_model(model).l1ra_state.config.total_steps = int(total_steps)
 
 
-@torch.no_grad()
-def fold_gates_(model: nn.Module) -> None:
-    """A <- diag(c) A and c <- 1 on live slots: same function, gates gone (for merging). Dead slots stay at 0."""
-    st = find_l1ra_model(model).l1ra_state
-    for name, layer in st.layers:
-        gate = layer.l1ra_gate[st.adapter]
-        weight = layer.lora_A[st.adapter].weight
-        weight.mul_(gate.to(weight.dtype).unsqueeze(1))
-        fill_slots_(gate, 0, st.live[name], 1.0)
-
-
 def create_optimizer(
     model: nn.Module,
     lr: float,
