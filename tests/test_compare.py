@@ -175,6 +175,37 @@ def test_rows_are_the_settings_they_claim():
         make_plan(parser().parse_args(["--task", "tiny", "--methods", "lora,head_only"]))
 
 
+def test_new_rank_rows_carry_their_options_into_the_l1ra_config(tiny):
+    """Issue 24's rows: l1ra_tuned plus the new-rank options, and every L1RA row marked with the capacity design."""
+    plan = make_plan(parser().parse_args(
+        ["--task", "tiny", "--quick", "--methods", "lora,l1ra_tuned,l1ra_grad,l1ra_grace,l1ra_grad_grace"]))
+    specs = {s.method: s for s in plan.final_specs({})}
+    assert [(specs[m].new_rank_init, specs[m].new_rank_grace) for m in ("l1ra_tuned", "l1ra_grad", "l1ra_grace",
+            "l1ra_grad_grace")] == [("random", 0.0), ("gradient", 0.0), ("random", 0.1), ("gradient", 0.1)]
+    assert all(specs[m].capacity_factor == 2 for m in specs if m != "lora") and specs["lora"].capacity_factor is None
+    pm, _, _ = wrap_model("l1ra_grad_grace", tiny.load_model(), tiny, specs["l1ra_grad_grace"])
+    cfg = pm.l1ra_state.config
+    assert (cfg.new_rank_init, cfg.new_rank_grace, cfg.max_rank) == ("gradient", 0.1, 2 * specs["lora"].rank)
+
+
+def test_dev_seeds_compare_every_row_at_its_tuned_lr_on_the_dev_split(tmp_path, capsys):
+    from l1ra.app import cli
+
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--task", "tiny", "--in-process", "--steps", "4", "--tune", "--dev-only",
+                     "--dev-seeds", "2", "--lr-grid", "1e-3,3e-3,1e-2", "--tune-extend", "0",
+                     "--methods", "lora,l1ra_grad", "--output-dir", str(out), "--timing-steps", "0"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert all(r["split"] == "dev" for r in results["runs"]), "--dev-only scores nothing on the reported split"
+    best = {m: t["best_lr"] for m, t in results["tuning"]["tiny"].items()}
+    dev = results["dev_summary"]["tiny"]["methods"]
+    assert {m: (s["lr"], s["seeds"]) for m, s in dev.items()} == {m: ([best[m]], [0, 1]) for m in best}
+    assert len(results["runs"]) == 2 * 3 + 2  # the grid on seed 0, then seed 1 at each row's best lr
+    assert "the dev split, each row at its tuned lr (seeds [0, 1])" in (out / "results.md").read_text()
+    assert cli.main(["compare", "--task", "tiny", "--dev-seeds", "2", "--output-dir", str(tmp_path / "x")]) != 0
+    assert "--dev-seeds compares the rows on the dev split at their tuned lr: add --tune" in capsys.readouterr().err
+
+
 def test_head_only_trains_the_classification_head_alone():
     from transformers import BertConfig, BertForSequenceClassification
 

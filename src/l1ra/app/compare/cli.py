@@ -100,6 +100,10 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
     tuning.add_argument("--dev-only", action="store_true",
                         help="--tune only: stop after the dev-split runs, score nothing on the reported split (decide "
                         "settings on dev first)")
+    tuning.add_argument("--dev-seeds", type=int, default=0,
+                        help="--tune: then run every row at its best lr on the dev split for this many seeds (the "
+                        "first; tuning runs are reused) and report that table: the dev comparison that decides a "
+                        "setting before the reported split is scored")
     tuning.add_argument("--dev-size", type=int, default=None,
                         help="examples carved from the training data as the dev split (seeded; default per task)")
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 from .methods import DEFAULT_METHODS, TUNED_L1RA, method_fields
@@ -106,6 +106,12 @@ class Plan:
     common: dict  # RunSpec fields shared by every run
     per_method: dict  # method -> its own RunSpec fields
     tune_extend: int = 0  # grid steps tried beyond an edge where a method's best lr sits (see `beyond_edge`)
+    dev_seeds: list = field(default_factory=list)  # each row again on the dev split at its best lr, these seeds
+
+    def dev_specs(self, lr_by_method: dict) -> list[RunSpec]:
+        """The dev comparison: every tuned row at its best dev lr, for every dev seed (tuning runs are reused)."""
+        rows = [m for m in self.methods if m in lr_by_method]
+        return [self.spec(m, seed, lr_by_method[m], "dev") for seed, m in plan_runs(rows, self.dev_seeds)]
 
     def spec(self, method: str, seed: int, lr: float, split: str) -> RunSpec:
         return RunSpec(method=method, seed=seed, split=split, **dict(self.common, lr=0.0 if method == "base" else lr),
@@ -154,6 +160,8 @@ def _check_run_shape(args, steps: int, dev_size: int) -> None:
         raise PlanError("--jobs > 1 runs each run in its own process; drop --in-process")
     if getattr(args, "dev_only", False) and not args.tune:
         raise PlanError("--dev-only stops after the tuning runs: add --tune")
+    if getattr(args, "dev_seeds", None) and not args.tune:
+        raise PlanError("--dev-seeds compares the rows on the dev split at their tuned lr: add --tune")
     if args.tune and dev_size <= 0:
         raise PlanError("--tune needs a dev split: --dev-size must be > 0")
     if args.tune_extend < 0:
@@ -213,7 +221,8 @@ def make_plan(args) -> Plan:
     seeds = args.seeds if args.seeds is not None else list(range(d.seeds))
     return Plan(methods=methods, seeds=seeds, tune_seeds=seeds[: args.tune_seeds],
                 lr_grid=list(args.lr_grid or d.lr_grid) if args.tune else [], common=common,
-                per_method=per_method, tune_extend=args.tune_extend)
+                per_method=per_method, tune_extend=args.tune_extend,
+                dev_seeds=list(range(args.dev_seeds)) if getattr(args, "dev_seeds", None) else [])
 
 
 # ------------------------------------------------------------------------------------------------ the tuning rule

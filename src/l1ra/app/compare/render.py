@@ -175,6 +175,12 @@ def render_markdown(results: dict) -> str:
         lines += _main_table(summ) + _tuning_table(tuning, score_name) + _rank_table(summ)
         lines += _targets(summ, score_name)
         lines += ["Rows: " + "; ".join(f"{s['label']}: {s['description']}" for s in summ["methods"].values()) + ".", ""]
+    for task, summ in results.get("dev_summary", {}).items():
+        seeds = sorted({seed for s in summ["methods"].values() for seed in s["seeds"]})
+        lines += [f"## {task}: the dev split, each row at its tuned lr (seeds {seeds})", "",
+                  "Decided on before anything is scored on the reported split; step times are separate runs sharing the "
+                  "machine.", ""]
+        lines += _main_table(summ)
     if results.get("failures"):
         lines += ["## Failed runs", ""] + [
             f"- {f['method']} seed {f['seed']}: {f['error'][:300]}" for f in results["failures"]] + [""]

@@ -39,3 +39,10 @@ def final_runs(results: dict) -> list[dict]:
     tasks = set(results.get("final", {}))
     chosen += [r for r in results["runs"] if r.get("split", "test") == "test" and r["task"] not in tasks]
     return chosen
+
+
+def dev_runs(results: dict) -> list[dict]:
+    """The dev comparison's runs (`--dev-seeds`): per task and row, the runs of its latest sitting."""
+    by_hash = {r.get("spec_hash"): r for r in results["runs"]}
+    return [by_hash[h] for rows in results.get("dev", {}).values() for hashes in rows.values() for h in hashes
+            if h in by_hash]

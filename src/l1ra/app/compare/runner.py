@@ -23,7 +23,7 @@ from ...atomic import atomic_write_json
 from .methods import METHODS
 from .plan import Plan, RunSpec, beyond_edge, pick_best, spec_hash
 from .render import plot_task, render_markdown
-from .results import final_runs, load_results
+from .results import dev_runs, final_runs, load_results
 from .stats import summarize
 
 
@@ -191,6 +191,11 @@ def run_compare(
         lr_by_method = {}
         if plan.lr_grid:
             lr_by_method = tune(plan, results, output_dir, task, isolate=isolate, jobs=jobs, log=log)
+        if plan.dev_seeds:
+            dev = run_specs(plan.dev_specs(lr_by_method), results, output_dir, isolate=isolate, jobs=jobs, log=log)
+            by_method = results.setdefault("dev", {}).setdefault(task, {})
+            for method in dict.fromkeys(r["method"] for r in dev):  # a row's latest sitting wins
+                by_method[method] = [r["spec_hash"] for r in dev if r["method"] == method]
         specs = [] if dev_only else plan.final_specs(lr_by_method)
     else:
         specs = list(specs_or_plan)
@@ -221,6 +226,7 @@ def write_reports(results: dict, output_dir: Path, log=print) -> dict:
     """Summarise the reported runs and (re)write results.json, results.md and one PNG per task."""
     output_dir = Path(output_dir)
     results["summary"] = summarize(final_runs(results), results.get("step_timing"))
+    results["dev_summary"] = summarize(dev_runs(results))
     atomic_write_json(output_dir / "results.json", results)
     (output_dir / "results.md").write_text(render_markdown(results))
     for task in results["summary"]:
