@@ -134,13 +134,18 @@ def test_a_format1_trainer_checkpoint_resumes_with_its_optimizer_state_in_the_li
     assert resumed_losses[4] == pytest.approx(losses[4], abs=1e-5)  # the first resumed step: the same function
 
 
-def test_optimizer_state_of_another_shape_is_refused_naming_the_way_out():
-    model = build("llama")
+def test_live_rank_state_is_placed_into_capacity_and_what_cannot_be_placed_is_refused():
+    model = build("llama")  # 4 live ranks in slots 0-3 of 8
     opt = l1ra.create_optimizer(model, lr=1e-2)
     gate = next(iter(l1ra.gates(model).values()))
-    opt.state[gate] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros(5), "exp_avg_sq": torch.zeros(5)}
-    with pytest.raises(l1ra.CheckpointError, match=r"shape \(5,\).*delete optimizer.pt"):
-        fit_state_to_capacity_(opt, model.l1ra_state)
     opt.state[gate] = {"step": torch.tensor(3.0), "exp_avg": torch.ones(4), "exp_avg_sq": torch.ones(4)}
-    assert fit_state_to_capacity_(opt, model.l1ra_state) == 2  # 4 live ranks in slots 0-3 of 8
+    assert fit_state_to_capacity_(opt, model.l1ra_state) == 2
     assert opt.state[gate]["exp_avg"].tolist() == [1.0] * 4 + [0.0] * 4
+    # bitsandbytes' 8-bit state at capacity shape (block maps of other shapes) is left alone ...
+    eight_bit = {"step": 3, "state1": torch.zeros(8, dtype=torch.uint8), "absmax1": torch.ones(1), "qmap1": torch.zeros(256)}
+    opt.state[gate] = dict(eight_bit)
+    assert fit_state_to_capacity_(opt, model.l1ra_state) == 0 and opt.state[gate]["state1"].shape == (8,)
+    # ... and at the live rank it cannot be placed (its blocks would need re-quantizing): refused, naming the way out.
+    opt.state[gate] = dict(eight_bit, state1=torch.zeros(4, dtype=torch.uint8))
+    with pytest.raises(l1ra.CheckpointError, match=r"state1.*shape \(4,\).*delete optimizer.pt and scheduler.pt"):
+        fit_state_to_capacity_(opt, model.l1ra_state)

@@ -237,8 +237,9 @@ def local_gates(gates: list[torch.Tensor]) -> list[torch.Tensor]:
 def fit_state_to_capacity_(optimizer, l1ra_state) -> int:
     """Optimizer state saved before fixed capacity (l1ra checkpoint format 1) holds each adapter tensor at its live
     rank. Loading such a checkpoint puts the live ranks in the first slots (`checkpoint.load_into`): put their state
-    there too, dead slots zero, as a fresh optimizer holds them. Returns the number of state tensors placed; raises
-    `CheckpointError` for state of another shape (e.g. bitsandbytes' 8-bit blocks), naming the way out."""
+    there too, dead slots zero, as a fresh optimizer holds them. State already in capacity shape, or of another layout,
+    is left alone. Returns the number of state tensors placed; raises `CheckpointError` for live-rank state it cannot
+    place (bitsandbytes' 8-bit blocks, sharded parameters), naming the way out."""
     from .checkpoint import CheckpointError
     from .slots import is_dtensor
 
@@ -251,14 +252,14 @@ def fit_state_to_capacity_(optimizer, l1ra_state) -> int:
         compact = list(p.shape)
         compact[dim] = len(live)
         for key, value in list(state.items()):
-            if not torch.is_tensor(value) or value.ndim != p.ndim or value.shape == p.shape:
-                continue
-            fits = list(value.shape) == compact and live == list(range(len(live))) and value.is_floating_point()
-            if not fits or is_dtensor(p) or _is_8bit(state):
+            if (not torch.is_tensor(value) or value.ndim != p.ndim or key.startswith(("qmap", "absmax"))
+                    or value.shape == p.shape or list(value.shape) != compact):
+                continue  # capacity-shaped, or another layout (e.g. bitsandbytes' quantization maps)
+            if live != list(range(len(live))) or is_dtensor(p) or _is_8bit(state) or not value.is_floating_point():
                 raise CheckpointError(
                     f"optimizer state {key!r} of {name} ({kind}) has shape {tuple(value.shape)}, the parameter "
                     f"{tuple(p.shape)} ({len(live)} live of {p.shape[dim]} slots): it was saved by an l1ra before "
-                    "fixed capacity (checkpoint format 1) for an optimizer whose state l1ra cannot place into "
+                    "fixed capacity (checkpoint format 1), for an optimizer whose state l1ra cannot place into the "
                     "capacity. Resume without it: delete optimizer.pt and scheduler.pt from the checkpoint folder "
                     "(the Trainer then starts a fresh optimizer), or load the adapter alone with "
                     "model.load_adapter(checkpoint, 'default')"
