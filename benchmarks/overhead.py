@@ -151,6 +151,7 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--batch-size", type=int, help="examples per batch (default: 16 MiniLM, 8 SmolLM2)")
     parser.add_argument("--seq-len", type=int, help="tokens per example (default: 128)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (one fresh process each)")
     parser.add_argument("--capacities", nargs="+", type=int, metavar="K",
                         help="L1RA capacities to compare, as multiples k of r (max_rank = k x r); default: the "
                              "library's default capacity only")
@@ -162,7 +163,7 @@ def main(argv=None):
     rows = []
     for name in args.models:
         row = bench(name, args.steps, device, autocast, methods)
-        mem = {m: peak_memory(name, m, device, autocast) for m in methods}
+        mem = {m: (float("nan") if args.no_memory else peak_memory(name, m, device, autocast)) for m in methods}
         row["peak_lora_mib"] = mem["lora"] / 2**20
         for m in methods[1:]:
             r = row[m]
