@@ -2,12 +2,14 @@
 
     python benchmarks/overhead.py                      # MiniLM and SmolLM2-135M
     python benchmarks/overhead.py --models minilm --steps 30
+    python benchmarks/overhead.py --capacities 2 3 4   # L1RA at max_rank = 2r, 3r, 4r next to LoRA
 
-For each model: LoRA and L1RA train on the same batch, one step each, alternating, so machine noise hits both
-alike. Prints the median step-time ratio (L1RA/LoRA, including `after_optimizer_step`), the cost of one
-reallocation in training steps, and the peak-memory ratio: on CUDA from `max_memory_allocated`; on CPU from the
-peak resident memory of a fresh subprocess per method (which includes the shared base model, so it is the
-whole-process figure a user sees).
+For each model: LoRA and L1RA train on the same batch, one step each, in turn (the order rotates every step), so
+machine noise hits all alike. Prints the median step-time ratio (L1RA/LoRA, including `after_optimizer_step`), the
+cost of one reallocation in training steps, and the peak-memory ratio: on CUDA from `max_memory_allocated`; on CPU
+from the peak resident memory of a fresh subprocess per method (which includes the shared base model, so it is the
+whole-process figure a user sees). With several --capacities, one L1RA model per capacity (max_rank = k x r) runs in
+the same rotation, and each gets its own ratios.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def load(name: str, device):
 
 
 def build(method: str, model, lora_kwargs):
+    """'lora', 'l1ra' (default capacity) or 'l1ra_c<k>' (capacity max_rank = k x r)."""
     import peft
 
     import l1ra
@@ -59,7 +62,8 @@ def build(method: str, model, lora_kwargs):
         m = peft.get_peft_model(model, peft.LoraConfig(lora_dropout=0.0, **lora_kwargs))
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
         return m, opt, lambda: None
-    m = l1ra.get_l1ra_model(model, l1ra.L1RAConfig(lora_dropout=0.0, update_every=10**9, **lora_kwargs))
+    extra = {"max_rank": int(method[len("l1ra_c"):]) * lora_kwargs["r"]} if method.startswith("l1ra_c") else {}
+    m = l1ra.get_l1ra_model(model, l1ra.L1RAConfig(lora_dropout=0.0, update_every=10**9, **lora_kwargs, **extra))
     opt = l1ra.create_optimizer(m, lr=1e-4)
     return m, opt, lambda: l1ra.after_optimizer_step(m, opt)
 
@@ -81,37 +85,41 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench(name: str, steps: int, device, autocast: bool) -> dict:
-    import copy
-
+def reallocation_s(model, opt) -> float:
+    """Median time of 5 reallocations, each after zeroing 25% of the gates."""
     import l1ra
 
-    base, batch, lora_kwargs = load(name, device)
-    runs = {m: build(m, copy.deepcopy(base), lora_kwargs) for m in ("lora", "l1ra")}
-    times = {m: [] for m in runs}
-    for i in range(steps + 2):
-        for m in (("lora", "l1ra") if i % 2 == 0 else ("l1ra", "lora")):
-            t = timed(lambda: step(*runs[m], batch, device, autocast))
-            if i >= 2:  # warm-up
-                times[m].append(t)
-    model, opt, _ = runs["l1ra"]
-    realloc = []
+    out = []
     for i in range(5):
         gen = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for gate in l1ra.gates(model).values():
                 gate.masked_fill_(torch.rand(gate.shape, generator=gen).to(gate.device) < 0.25, 0.0)
-        realloc.append(timed(lambda: l1ra.reallocate(model, opt)))
+        out.append(timed(lambda: l1ra.reallocate(model, opt)))
+    return statistics.median(out)
+
+
+def bench(name: str, steps: int, device, autocast: bool, methods=("lora", "l1ra")) -> dict:
+    """Median step time of each method (all in one rotation), reallocation cost and trainable parameters of each."""
+    import copy
+
+    base, batch, lora_kwargs = load(name, device)
+    runs = {m: build(m, copy.deepcopy(base), lora_kwargs) for m in methods}
+    times = {m: [] for m in runs}
+    for i in range(steps + 2):
+        for m in methods[i % len(methods):] + methods[:i % len(methods)]:
+            t = timed(lambda: step(*runs[m], batch, device, autocast))
+            if i >= 2:  # warm-up
+                times[m].append(t)
     med = {m: statistics.median(t) for m, t in times.items()}
-    return {
-        "model": name,
-        "steps": steps,
-        "lora_step_s": med["lora"],
-        "l1ra_step_s": med["l1ra"],
-        "step_time_ratio": med["l1ra"] / med["lora"],
-        "reallocation_s": statistics.median(realloc),
-        "reallocation_in_steps": statistics.median(realloc) / med["l1ra"],
-    }
+    params = {m: sum(p.numel() for p in runs[m][0].parameters() if p.requires_grad) for m in methods}
+    out = {"model": name, "steps": steps, "lora_step_s": med["lora"], "lora_trainable_params": params["lora"]}
+    for m in methods[1:]:
+        realloc = reallocation_s(*runs[m][:2])
+        out[m] = {"step_s": med[m], "step_time_ratio": med[m] / med["lora"], "trainable_params": params[m],
+                  "reallocation_s": realloc, "reallocation_in_steps": realloc / med[m], "times_s": times[m]}
+    out["lora_times_s"] = times["lora"]
+    return out
 
 
 def peak_memory(name: str, method: str, device, autocast: bool, steps: int = 3) -> float:
@@ -143,23 +151,32 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--batch-size", type=int, help="examples per batch (default: 16 MiniLM, 8 SmolLM2)")
     parser.add_argument("--seq-len", type=int, help="tokens per example (default: 128)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (one fresh process each)")
+    parser.add_argument("--capacities", nargs="+", type=int, metavar="K",
+                        help="L1RA capacities to compare, as multiples k of r (max_rank = k x r); default: the "
+                             "library's default capacity only")
     args = parser.parse_args(argv)
     SHAPE.update({k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len)) if v})
     device = torch.device(args.device)
     autocast = not args.no_bf16
+    methods = ("lora", *([f"l1ra_c{k}" for k in args.capacities] if args.capacities else ["l1ra"]))
     rows = []
     for name in args.models:
-        row = bench(name, args.steps, device, autocast)
-        mem = {m: peak_memory(name, m, device, autocast) for m in ("lora", "l1ra")}
-        row.update(peak_lora_mib=mem["lora"] / 2**20, peak_l1ra_mib=mem["l1ra"] / 2**20, memory_ratio=mem["l1ra"] / mem["lora"])
+        row = bench(name, args.steps, device, autocast, methods)
+        mem = {m: (float("nan") if args.no_memory else peak_memory(name, m, device, autocast)) for m in methods}
+        row["peak_lora_mib"] = mem["lora"] / 2**20
+        for m in methods[1:]:
+            r = row[m]
+            r.update(peak_mib=mem[m] / 2**20, memory_ratio=mem[m] / mem["lora"])
+            print(
+                f"{name:8s} {m:8s} step L1RA/LoRA {r['step_time_ratio']:.3f} (median {r['step_s']:.3f}s vs "
+                f"{row['lora_step_s']:.3f}s over {args.steps} steps in turn) | trainable params "
+                f"{r['trainable_params'] / row['lora_trainable_params']:.2f}x LoRA's | one reallocation "
+                f"{r['reallocation_in_steps']:.3f} steps ({r['reallocation_s'] * 1000:.0f} ms) | peak memory "
+                f"L1RA/LoRA {r['memory_ratio']:.3f} ({r['peak_mib']:.0f} vs {row['peak_lora_mib']:.0f} MiB)",
+                flush=True,
+            )
         rows.append(row)
-        print(
-            f"{name:8s} step L1RA/LoRA {row['step_time_ratio']:.3f} (median {row['l1ra_step_s']:.3f}s vs "
-            f"{row['lora_step_s']:.3f}s over {args.steps} alternating steps) | one reallocation "
-            f"{row['reallocation_in_steps']:.3f} steps ({row['reallocation_s'] * 1000:.0f} ms) | peak memory "
-            f"L1RA/LoRA {row['memory_ratio']:.3f} ({row['peak_l1ra_mib']:.0f} vs {row['peak_lora_mib']:.0f} MiB)",
-            flush=True,
-        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "bf16_autocast": autocast, "torch_threads": torch.get_num_threads(), "results": rows}, f, indent=1)

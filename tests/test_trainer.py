@@ -3,12 +3,12 @@
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import l1ra
 
 from conftest import VOCAB
-from test_core import build
+from test_core import build, kill_gates
 
 
 def lm_dataset(n=32, length=12, seed=0):
@@ -103,3 +103,51 @@ def test_trl_sft_trainer(tmp_path):
     trainer.train()
     assert model.l1ra_state.step == 4 and [e.step for e in callback.events] == [2]
     assert sum(l1ra.rank_pattern(model).values()) == model.l1ra_state.budget
+
+
+
+class KillGates(TrainerCallback):
+    """Before L1RACallback (callbacks run in order): zero 40% of the gates after each optimizer step, as a strong L1
+    would, so that every reallocation moves ranks to a new pattern."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        kill_gates(model, 0.4, seed=state.global_step)
+
+
+def _trainer_run(tmp_path, **overrides):
+    """10 optimizer steps, a reallocation after each of the first 9. Returns (model, events, logged losses)."""
+    model = build("llama", update_every=1, l1ra_lambda=0.0)
+    callback = l1ra.L1RACallback()
+    trainer = Trainer(
+        model=model, args=args(tmp_path, max_steps=10, gradient_accumulation_steps=1, **overrides),
+        train_dataset=lm_dataset(), optimizers=(l1ra.create_optimizer(model, lr=1e-2), None),
+        callbacks=[KillGates(), callback],
+    )
+    trainer.train()
+    return model, callback.events, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.slow
+def test_compiled_trainer_keeps_one_graph_through_nine_reallocations(tmp_path):
+    # Issue 21 item 4. The default update_every=0.1 makes 9 reallocations; before fixed capacity each one that changed
+    # the rank pattern made a new graph, and past dynamo's recompile limit (8) the run went back to eager.
+    # error_on_recompile turns any recompile into an exception; the counters also show a single graph.
+    from torch._dynamo.utils import counters
+
+    eager_model, eager_events, eager_losses = _trainer_run(tmp_path / "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            model, events, losses = _trainer_run(
+                tmp_path / "compiled", torch_compile=True, torch_compile_backend="aot_eager"
+            )
+        assert len(events) == 9 and len({tuple(sorted(e.ranks.items())) for e in events}) >= 4
+        assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] == 1, dict(counters["stats"])
+        assert counters["aot_autograd"]["ok"] == 1  # the backward is compiled once too
+        # Compiling changes nothing L1RA decides.
+        assert [e.ranks for e in events] == [e.ranks for e in eager_events]
+        assert l1ra.rank_pattern(model) == l1ra.rank_pattern(eager_model)
+        torch.testing.assert_close(losses, eager_losses, rtol=1e-4, atol=1e-4)
+    finally:
+        torch._dynamo.reset()

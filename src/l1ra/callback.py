@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 
 from . import distributed
 from .model import after_optimizer_step, arm_gradient_capture, find_l1ra_model, gate_learning_rates, gates
-from .optim import install_seed_hook, unwrap_optimizer
+from .optim import fit_state_to_capacity_, install_seed_hook, unwrap_optimizer
 from .schedule import lr_factors_from, unreachable_message
 
 
@@ -48,6 +48,7 @@ class L1RACallback(TrainerCallback):
                 "for g in l1ra.gates(model).values(): g.data = g.data.float()"
             )
         restore_fp32_gates(peft_model, opt)  # one process: nothing hangs on the gates yet (callback added late)
+        fit_state_to_capacity_(opt, peft_model.l1ra_state)  # a checkpoint written before fixed capacity (format 1)
         install_seed_hook(opt, peft_model.l1ra_state)  # revived slots (also those a resumed checkpoint left pending)
         arm_gradient_capture(peft_model.l1ra_state)  # new_rank_init='gradient' and a reallocation after the first step
         if state.is_world_process_zero and state.global_step == 0:

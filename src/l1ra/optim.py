@@ -231,3 +231,39 @@ def local_gates(gates: list[torch.Tensor]) -> list[torch.Tensor]:
     """The storage the proximal step shrinks in place (a sharded gate's local shard)."""
     return [local(g) for g in gates]
 
+
+
+@torch.no_grad()
+def fit_state_to_capacity_(optimizer, l1ra_state) -> int:
+    """Optimizer state saved before fixed capacity (l1ra checkpoint format 1) holds each adapter tensor at its live
+    rank. Loading such a checkpoint puts the live ranks in the first slots (`checkpoint.load_into`): put their state
+    there too, dead slots zero, as a fresh optimizer holds them. State already in capacity shape, or of another layout,
+    is left alone. Returns the number of state tensors placed; raises `CheckpointError` for live-rank state it cannot
+    place (bitsandbytes' 8-bit blocks, sharded parameters), naming the way out."""
+    from .checkpoint import CheckpointError
+    from .slots import is_dtensor
+
+    if optimizer is None:
+        return 0
+    opt, placed = unwrap_optimizer(optimizer), 0
+    for (name, kind), (p, dim) in l1ra_state.slot_params().items():
+        state = opt.state.get(p) or {}
+        live = l1ra_state.live[name]
+        compact = list(p.shape)
+        compact[dim] = len(live)
+        for key, value in list(state.items()):
+            if (not torch.is_tensor(value) or value.ndim != p.ndim or key.startswith(("qmap", "absmax"))
+                    or value.shape == p.shape or list(value.shape) != compact):
+                continue  # capacity-shaped, or another layout (e.g. bitsandbytes' quantization maps)
+            if live != list(range(len(live))) or is_dtensor(p) or _is_8bit(state) or not value.is_floating_point():
+                raise CheckpointError(
+                    f"optimizer state {key!r} of {name} ({kind}) has shape {tuple(value.shape)}, the parameter "
+                    f"{tuple(p.shape)} ({len(live)} live of {p.shape[dim]} slots): it was saved by an l1ra before "
+                    "fixed capacity (checkpoint format 1), for an optimizer whose state l1ra cannot place into the "
+                    "capacity. Resume without it: delete optimizer.pt and scheduler.pt from the checkpoint folder "
+                    "(the Trainer then starts a fresh optimizer), or load the adapter alone with "
+                    "model.load_adapter(checkpoint, 'default')"
+                )
+            state[key] = value.new_zeros(p.shape).index_copy_(dim, torch.arange(len(live), device=value.device), value)
+            placed += 1
+    return placed
