@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 from . import distributed
 from .model import after_optimizer_step, arm_gradient_capture, find_l1ra_model, gate_learning_rates, gates
 from .optim import fit_state_to_capacity_, install_seed_hook, unwrap_optimizer
-from .schedule import lr_factors_from, unreachable_message
+from .reach import lr_factors_from, unreachable_message
 
 
 class L1RACallback(TrainerCallback):

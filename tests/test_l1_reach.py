@@ -10,7 +10,7 @@ from transformers import Trainer, TrainingArguments, get_cosine_schedule_with_wa
 
 import l1ra
 from l1ra import L1RAConfig
-from l1ra.schedule import (
+from l1ra.reach import (
     DEFAULT_REACH, l1_reach, lambda_for_run, lr_factors_from, unreachable_message, warmup_cosine_factors,
 )
 
