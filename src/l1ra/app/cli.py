@@ -13,6 +13,8 @@ import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .errors import UserError
+
 EXIT_USER_ERROR = 2
 
 
@@ -220,14 +222,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
-class UserError(Exception):
-    """A CLI-level user error (bad flag value or config file)."""
-
-
 # Commands defined in their own modules, added when the module is installed: name -> (module, its line in
 # `l1ra --help`). The module is imported only when its command is run (or asked for its --help): its imports
 # (torch, for compare) must not slow `l1ra --help` or the other commands' argument errors. The module defines
-# `add_parser(subparsers)` and may define `USER_ERRORS`, a tuple of exception types reported as one-line errors.
+# `add_parser(subparsers)`; its user-facing errors derive from `l1ra.app.errors.UserError`.
 PLUGINS = {
     "compare": ("l1ra.app.compare", "L1RA vs LoRA, AdaLoRA (and DoRA) on a built-in task or your data: same budget, "
                 "data, steps, seeds"),
@@ -290,22 +288,18 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     return parser
 
 
-# Exception types reported as one line and exit code 2 (module, class). Looked up only in modules already
-# imported, since an exception of a module never imported cannot have been raised; the error path imports nothing.
-_USER_ERRORS = (
-    ("l1ra.app.assets", "AssetError"), ("l1ra.app.data", "DataError"), ("l1ra.checkpoint", "CheckpointError"),
-    ("l1ra.app.report", "ReportError"), ("l1ra.app.options", "RunError"), ("l1ra.app.serve", "ServeError"),
-    ("l1ra.app.extras", "MissingExtraError"), ("l1ra.export", "ExportError"),
-)
-
-
 def _is_user_error(err: BaseException) -> bool:
+    """A `UserError` (the application's) or one of the library's user-facing errors (caught by type)."""
     if isinstance(err, UserError):
         return True
-    types = [getattr(sys.modules.get(m), c, None) for m, c in _USER_ERRORS]
-    for module, _ in PLUGINS.values():
-        types.extend(getattr(sys.modules.get(module), "USER_ERRORS", ()))
-    return any(isinstance(t, type) and isinstance(err, t) for t in types)
+    if not type(err).__module__.startswith("l1ra."):
+        return False
+    # raised by the library, so the library (and torch) is loaded: these imports cost nothing here
+    from ..checkpoint import CheckpointError
+    from ..distributed import DistributedSetupError
+    from ..export import ExportError
+
+    return isinstance(err, (CheckpointError, DistributedSetupError, ExportError))
 
 
 # Third-party warning noise, silenced by category and the module the warning is attributed to. Never a blanket

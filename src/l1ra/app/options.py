@@ -9,10 +9,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from .errors import UserError
+
 DEFAULT_OUTPUT_DIR = "runs/train"
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A user-facing failure of a run: one line, naming the problem and the fix."""
 
 

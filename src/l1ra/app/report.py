@@ -8,14 +8,15 @@ from typing import Optional
 
 from ..atomic import atomic_write
 from ..history import layer_index, mean_rank_by_type, module_type
+from .errors import UserError
 
 METRICS, RANK_HISTORY, SUMMARY = "metrics.json", "rank_history.json", "summary.txt"
 TYPE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
               "query", "key", "value", "dense", "c_attn", "c_proj", "c_fc"]
 
 
-class ReportError(ValueError):
-    pass
+class ReportError(UserError, ValueError):
+    """A run folder whose metrics or rank history cannot be read."""
 
 
 def _load(path: Path) -> Optional[dict]:

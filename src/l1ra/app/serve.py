@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 from ..atomic import atomic_dir
+from .errors import UserError
 
 
-class ServeError(ValueError):
-    pass
+class ServeError(UserError, ValueError):
+    """A model, adapter or prompt that `l1ra merge` / `l1ra generate` cannot use."""
 
 
 def find_adapter(run_dir) -> tuple[Path, Optional[Path]]:

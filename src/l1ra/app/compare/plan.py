@@ -10,6 +10,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
+from ..errors import UserError
 from .methods import DEFAULT_METHODS, TUNED_L1RA, method_fields
 from .tasks import CLASSIFICATION_TASKS, DEFAULTS
 
@@ -18,7 +19,7 @@ from .tasks import CLASSIFICATION_TASKS, DEFAULTS
 HASH_NEUTRAL_DEFAULTS = {"receiver_signal": "min_gate", "user_data": None}
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A command line that cannot be planned; the message names the flag to change."""
 
 
