@@ -9,7 +9,6 @@ Writes `<run>/budget_curve.json` and `<run>/budget_curve.png`.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -17,26 +16,20 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..atomic import atomic_write_json
-from ..export import ExportError, RUN_ADAPTER, RUN_CONFIG, budget_curve, budget_from_fraction, export_adapter, \
-    read_adapter
+from ..export import ExportError, budget_curve, budget_from_fraction, export_adapter, read_adapter
 from .options import TrainOptions
-
-CURVE_JSON, CURVE_PNG = "budget_curve.json", "budget_curve.png"
+from .run_dir import ADAPTER, CURVE_JSON, CURVE_PNG, METRICS, RUN_CONFIG, RunDirError, find_adapter, read_config, \
+    read_json
 DEFAULT_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.1)
 
 
 def run_folder(src) -> Optional[Path]:
     """The `l1ra train` folder `src` belongs to (the run folder itself or its `adapter/`), else None."""
-    src = Path(src)
-    for run in (src, src.parent if src.name == RUN_ADAPTER else None):
-        if run is not None and (run / RUN_CONFIG).is_file() and (run / RUN_ADAPTER / "adapter_config.json").is_file():
-            try:
-                config = json.loads((run / RUN_CONFIG).read_text())
-            except (OSError, ValueError):
-                return None
-            # `l1ra train` records its options and model; a folder with only a model path is a bare adapter's
-            return run if isinstance(config, dict) and "options" in config and config.get("model_path") else None
-    return None
+    try:
+        located = find_adapter(src)
+    except RunDirError:
+        return None
+    return located.run if located.is_trained_run() else None
 
 
 def _run_options(config: dict) -> TrainOptions:
@@ -72,18 +65,18 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run = run_folder(run_dir)
     if run is None:
-        raise ExportError(f"{run_dir}: not an `l1ra train` output folder ({RUN_CONFIG} and {RUN_ADAPTER}/); the "
+        raise ExportError(f"{run_dir}: not an `l1ra train` output folder ({RUN_CONFIG} and {ADAPTER}/); the "
                           "held-out curve needs the run's data and model (for a bare adapter, --curve shows the "
                           "update's energy only)")
     if fractions is not None and budgets is not None:
         raise ExportError("fractions and budgets both given: pass one of them")
     if max_eval is not None and max_eval < 1:
         raise ExportError(f"max_eval={max_eval}: must be >= 1")
-    config = json.loads((run / RUN_CONFIG).read_text())
+    config = read_config(run)
     opts, task, model_path = _run_options(config), config.get("task", "causal-lm"), config.get("model_path")
     if not model_path:
         raise ExportError(f"{run / RUN_CONFIG}: names no model_path; is it an `l1ra train` output folder?")
-    adapter_dir = run / RUN_ADAPTER
+    adapter_dir = run / ADAPTER
     adapter = read_adapter(adapter_dir)
     n_modules, total = len(adapter.modules), sum(adapter.ranks.values())
     if budgets is None:
@@ -153,8 +146,7 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
                            **{k: v for k, v in result.items() if k != "loss"},
                            "energy_kept": energy[budget]["kept"], "max_rank": energy[budget]["max_rank"]})
             log(f"l1ra: budget {budget}: held-out loss {result['loss']:.4f} ({time.perf_counter() - t0:.0f} s so far)")
-    metrics_path = run / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = read_json(run / METRICS)
     curve = {
         "run": str(run), "model_path": model_path, "task": task, "device": plan.describe(),
         "eval_examples": n_eval, "max_eval": max_eval, "modules": n_modules, "total_rank": total,

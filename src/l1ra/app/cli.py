@@ -193,8 +193,10 @@ def cmd_train(args) -> int:
     result = run_train(opts, explicit)
     if result["summary"] is None:  # a process other than 0 under torchrun: process 0 prints
         return 0
-    print(f"\n{result['summary']}\noutputs in {opts.output_dir}/ : adapter/, metrics.json, rank_history.json, "
-          "rank_heatmap.png, rank_by_module_type.png, loss_curves.png")
+    from .run_dir import ADAPTER, METRICS, PLOTS, RANK_HISTORY
+
+    print(f"\n{result['summary']}\noutputs in {opts.output_dir}/ : {ADAPTER}/, {METRICS}, {RANK_HISTORY}, "
+          f"{', '.join(PLOTS)}")
     return 0
 
 

@@ -68,7 +68,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_export(args) -> int:
-    from ..export import ExportError, export_adapter, read_adapter, resolve_source
+    from ..export import ExportError, export_adapter, read_adapter
+    from .run_dir import find_adapter
 
     if args.curve:
         return curve(args)
@@ -81,26 +82,28 @@ def cmd_export(args) -> int:
         raise ExportError("--rank is for --format uniform or gguf; drop it or add --format uniform")
     if args.base is not None and args.format != "gguf":
         raise ExportError("--base is for --format gguf; drop it")
+    adapter = find_adapter(args.src).adapter
     kwargs = dict(rank=args.rank, budget=args.budget, fraction=args.fraction, overwrite=args.overwrite)
     if args.format == "gguf":
         from .gguf_export import export_gguf
 
-        path = export_gguf(args.src, args.out, base=args.base, **kwargs)
+        path = export_gguf(adapter, args.out, base=args.base, **kwargs)
         ranks = None
     else:
-        path = export_adapter(args.src, args.out, format=args.format, **kwargs)
+        path = export_adapter(adapter, args.out, format=args.format, **kwargs)
         ranks = read_adapter(path).ranks
-    before = read_adapter(resolve_source(args.src)[0]).ranks
+    before = read_adapter(adapter).ranks
     summary = f"{len(before)} modules, total rank {sum(before.values())}"
     if ranks is not None:
         summary += f" -> {sum(ranks.values())} (ranks {min(ranks.values())}..{max(ranks.values())})"
-    print(f"{args.format} adapter written to {path} ({summary})")
+    print(f"{args.format} adapter written to {path} (from {adapter}: {summary})")
     return 0
 
 
 def curve(args) -> int:
     from ..export import ExportError
-    from .budget_curve import CURVE_JSON, CURVE_PNG, budget_curve_run, format_table, run_folder
+    from .budget_curve import budget_curve_run, format_table, run_folder
+    from .run_dir import CURVE_JSON, CURVE_PNG
 
     if args.out is not None or args.format != "peft" or args.rank is not None or args.base is not None:
         raise ExportError("--curve writes no adapter; drop --out/--format/--rank/--base")
@@ -123,9 +126,10 @@ def curve(args) -> int:
 
 
 def print_curve(src, fractions=None) -> int:
-    from ..export import budget_curve, read_adapter, resolve_source
+    from ..export import budget_curve, read_adapter
+    from .run_dir import find_adapter
 
-    adapter = read_adapter(resolve_source(src)[0])
+    adapter = read_adapter(find_adapter(src).adapter)
     n, total = len(adapter.modules), sum(adapter.ranks.values())
     if fractions:
         budgets = sorted({max(n, round(f * total)) for f in fractions})

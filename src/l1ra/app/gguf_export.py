@@ -24,8 +24,8 @@ from ..export import (
     fold_scaling,
     pad_ranks,
     prepare,
-    resolve_source,
 )
+from .run_dir import find_adapter
 
 # Hugging Face architecture -> llama.cpp architecture name, for the architectures the shipped models use.
 SUPPORTED = {"LlamaForCausalLM": "llama", "Gemma3ForCausalLM": "gemma3"}
@@ -153,10 +153,12 @@ def export_gguf(src, out, rank: Optional[int] = None, budget: Optional[int] = No
     `base_model_name_or_path`. rank: zero-pad every module to this rank (not needed by llama.cpp).
     budget / fraction: as in `l1ra.export.export_adapter`.
     """
+    located = find_adapter(src)
+    src = located.adapter
     out = check_out(out, src, overwrite)
     if out.is_dir():
         raise ExportError(f"out={out}: is a folder; give the .gguf file to write")
-    base = base if base is not None else resolve_source(src)[1]
+    base = base if base is not None else located.base_model()
     if base is None or not Path(base).exists():
         raise ExportError(
             f"the base model {base!r} is not a local folder or file; pass base= (--base) with the base model's "

