@@ -301,7 +301,7 @@ def test_sentiment_preset_smoke(tmp_path, capsys):
 def test_progress_live_bar_and_plain_lines():
     import io
 
-    from l1ra.app.progress import Progress
+    from l1ra.app.train.progress import Progress
 
     live = io.StringIO()
     bar = Progress(10, live=True, stream=live)

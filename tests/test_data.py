@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from l1ra.app import data
+from l1ra.app.train import data
 from l1ra.app.assets import AssetError, package_dir
 
 CHAT_TEMPLATE = (
@@ -175,7 +175,7 @@ def test_sft_rows_formats_and_skips():
 
 
 def test_lm_collator_padded_and_padding_free():
-    from l1ra.app.trainers import lm_collator
+    from l1ra.app.train.trainers import lm_collator
 
     examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
     padded = lm_collator(0, padding_free=False)(examples)

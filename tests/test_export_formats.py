@@ -317,10 +317,10 @@ def test_unsupported_adapters_are_refused(tmp_path):
 
 
 def cli(argv):
-    from l1ra.app import export_cmd
+    from l1ra.app.deploy import command
 
     parser = argparse.ArgumentParser(prog="l1ra")
-    export_cmd.add_parser(parser.add_subparsers(dest="command"))
+    command.add_export_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -12,7 +12,7 @@ Works on any PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.sa
   at least one per module (PEFT needs r >= 1).
 
 `export_adapter` puts them together and writes a PEFT folder ("peft" or "uniform"); the llama.cpp GGUF writer is
-in the application (`l1ra.app.gguf_export`), since it needs the `gguf` package.
+in the application (`l1ra.app.deploy.gguf_export`), since it needs the `gguf` package.
 """
 
 from __future__ import annotations
@@ -376,10 +376,10 @@ def export_adapter(src, out, format: str = "peft", rank: Optional[int] = None, b
     format "uniform": every module zero-padded to one rank (`rank`, default the smallest multiple of 16 >= the largest
     rank), scalings folded into B, `r = lora_alpha = rank`, no patterns: every LoRA engine computes the same function.
     budget / fraction: keep that many ranks in all (or that fraction of the total), by the largest singular values.
-    For llama.cpp (GGUF) see `l1ra.app.gguf_export.export_gguf` or `l1ra export --format gguf`.
+    For llama.cpp (GGUF) see `l1ra.app.deploy.gguf_export.export_gguf` or `l1ra export --format gguf`.
     """
     if format not in FORMATS:
-        hint = "; for gguf use l1ra.app.gguf_export.export_gguf" if format == "gguf" else ""
+        hint = "; for gguf use l1ra.app.deploy.gguf_export.export_gguf" if format == "gguf" else ""
         raise ExportError(f"format={format!r}: choose one of {', '.join(FORMATS)}{hint}")
     out = check_out(out, src, overwrite)
     adapter = prepare(src, rank=rank, budget=budget, fraction=fraction, uniform=format == "uniform")

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_OUTPUT_DIR = "runs/train"
 
@@ -155,7 +155,7 @@ def report_to_list(value) -> list[str]:
     if bad:
         raise RunError(f"--report-to {value}: unknown integration {', '.join(bad)}; use none, all or a comma list of "
                        f"{', '.join(sorted(REPORT_TO))}")
-    from .extras import installed
+    from ..extras import installed
 
     for name in names:
         modules = REPORT_TO[name]

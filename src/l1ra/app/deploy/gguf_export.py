@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..export import (
+from ...export import (
     ExportError,
     LoraAdapter,
     check_out,
@@ -25,7 +25,7 @@ from ..export import (
     pad_ranks,
     prepare,
 )
-from .run_dir import find_adapter
+from ..run_dir import find_adapter
 
 # Hugging Face architecture -> llama.cpp architecture name, for the architectures the shipped models use.
 SUPPORTED = {"LlamaForCausalLM": "llama", "Gemma3ForCausalLM": "gemma3"}
@@ -121,7 +121,7 @@ def write_gguf(adapter: LoraAdapter, info: dict, out, name: Optional[str] = None
     `alpha` (default: `llama_cpp_alpha(adapter)`, scale 1 everywhere) is for tests that mimic other converters."""
     import gguf
 
-    from ..atomic import atomic_write
+    from ...atomic import atomic_write
 
     tensors = gguf_tensors(adapter, info)
     alpha = llama_cpp_alpha(adapter) if alpha is None else float(alpha)

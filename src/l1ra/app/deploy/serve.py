@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..atomic import atomic_dir
-from .errors import UserError
-from .run_dir import ADAPTER_CONFIG, Located, find_adapter
+from ...atomic import atomic_dir
+from ..errors import UserError
+from ..run_dir import ADAPTER_CONFIG, Located, find_adapter
 
 
 class ServeError(UserError, ValueError):
@@ -17,7 +17,7 @@ class ServeError(UserError, ValueError):
 
 def base_model_path(located: Located, model: Optional[str]) -> str:
     if model:
-        from .assets import resolve_model_spec
+        from ..assets import resolve_model_spec
 
         return str(resolve_model_spec(model))  # a .gguf file -> its converted folder
     base = located.base_model()
@@ -37,7 +37,7 @@ def load_tuned(run_dir, model: Optional[str] = None, merge: bool = False):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from .devices import current_plan
+    from ..devices import current_plan
 
     task_type = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("task_type")
     cls = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
@@ -74,7 +74,7 @@ def generate(run_dir, prompt: str, model: Optional[str] = None, max_new_tokens: 
     """The tuned model's greedy answer to `prompt` (chat template applied when the tokenizer has one)."""
     import torch
 
-    from .data import render_prompt
+    from ..train.data import render_prompt
 
     if not prompt.strip():
         raise ServeError("the prompt is empty")

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..atomic import atomic_write
-from ..history import layer_index, mean_rank_by_type, module_type
-from .errors import UserError
-from .run_dir import HEATMAP, LOSS_CURVES, METRICS, RANK_BY_TYPE, RANK_HISTORY, SUMMARY
+from ...atomic import atomic_write
+from ...history import layer_index, mean_rank_by_type, module_type
+from ..errors import UserError
+from ..run_dir import HEATMAP, LOSS_CURVES, METRICS, RANK_BY_TYPE, RANK_HISTORY, SUMMARY
 
 TYPE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
               "query", "key", "value", "dense", "c_attn", "c_proj", "c_fc"]
@@ -216,7 +216,7 @@ def write_report(run_dir) -> str:
     if metrics.get("curves"):
         plot_losses(metrics, run_dir / LOSS_CURVES)
     text = summary_text(metrics, history)
-    from ..atomic import atomic_write_text
+    from ...atomic import atomic_write_text
 
     atomic_write_text(run_dir / SUMMARY, text + "\n")
     return text

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..atomic import atomic_dir, atomic_write_json
+from ...atomic import atomic_dir, atomic_write_json
 from .data import DataError
 from .models import _first_line, check_target_modules, load_model, load_tokenizer, resolve_model_path
 from .options import RunError, TrainOptions, _flagify, _targets, _validate, resolve_preset
-from .run_dir import ADAPTER, ADAPTER_CONFIG, METRICS, OUTPUT_FILES, RUN_CONFIG, checkpoint_step, latest_checkpoint, \
+from ..run_dir import ADAPTER, ADAPTER_CONFIG, METRICS, OUTPUT_FILES, RUN_CONFIG, checkpoint_step, latest_checkpoint, \
     read_json
 
 
@@ -184,8 +184,8 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     explicit = set(explicit if explicit is not None else ())
     opts = resolve_preset(opts, explicit)
     _validate(opts)
-    from .devices import current_plan
-    from .ranks import Processes
+    from ..devices import current_plan
+    from .processes import Processes
 
     plan = current_plan(bf16=opts.bf16 if "bf16" in explicit else None, cpu_bf16_default=bool(opts.bf16))
     procs = Processes(plan.device)  # under torchrun: process 0 writes and prints, every process trains
@@ -204,7 +204,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
         keep_freed_memory()  # fewer page faults per step (docs/train_speed.md)
 
     if task == "classification":
-        from .assets import minilm_dir
+        from ..assets import minilm_dir
 
         model_path = str(minilm_dir())
     else:
@@ -247,7 +247,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     eval_bs = max(opts.batch_size, 16) if task == "causal-lm" else 128
 
     from .monitor import Recorder, RunCallback
-    from .ranks import FollowerCallback, FollowerRecorder
+    from .processes import FollowerCallback, FollowerRecorder
 
     args_kwargs = dict(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=opts.batch_size,

