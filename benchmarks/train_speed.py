@@ -10,7 +10,7 @@ Variants, each a fresh process (so peak RSS and page faults are its own), run in
   `l1ra train` does on a CPU run): the kernel-time / page-fault question of `make run`. `l1ra-malloc` is the recipe
   of `l1ra train` on a CPU now, `lora-malloc` plain LoRA with the same recipe.
 
-Every variant trains through `l1ra.app.train.recipe.build_trainer` (the Trainer the CLI uses) on the same batches; the step
+Every variant trains through `l1ra.app.train.trainers.build_trainer` (the Trainer the CLI uses) on the same batches; the step
 time is measured from the Trainer's `on_step_begin` to `on_step_end` (forward, backward, optimizer, L1RA callback),
 the first step is a warm-up. Reported: median step time, useful (loss-carrying) tokens per second, peak RSS, minor page
 faults and user/system CPU time per step, and the ratios against `today` and `lora`. On a shared machine the CPU
@@ -51,7 +51,7 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, bf16: Opt
     from l1ra.app.train import data
     from l1ra.app.assets import smollm2_dir
     from l1ra.app.devices import current_plan
-    from l1ra.app.train.recipe import build_trainer
+    from l1ra.app.train.trainers import build_trainer
 
     torch.manual_seed(0)
     path = str(smollm2_dir())

@@ -154,7 +154,7 @@ def test_lm_loss_is_the_same_and_makes_no_host_sync(padding_free, sparse):
 def test_lm_trainer_training_step_makes_no_host_sync(tmp_path, padding_free):
     """`l1ra train`'s Trainer (build_trainer -> LMTrainer): a whole micro-batch step, forward, loss and backward."""
     from l1ra.app.train import data
-    from l1ra.app.train.recipe import build_trainer
+    from l1ra.app.train.trainers import build_trainer
     from test_data import make_tokenizer
     from test_train_recipe import PC, _tiny_llama
 

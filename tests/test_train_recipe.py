@@ -62,7 +62,7 @@ def _tiny_llama(vocab: int, seed: int = 0):
 
 
 def _lm_trainer(tmp_path, model, tok, train_rows, held_rows, max_length, padding_free=None, **extra):
-    from l1ra.app.train.recipe import build_trainer
+    from l1ra.app.train.trainers import build_trainer
 
     args = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, per_device_eval_batch_size=4,
                 max_steps=1, **extra)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -114,3 +115,36 @@ def find_adapter(src) -> Located:
         return Located(ckpt, src if is_run(src) else None)
     raise RunDirError(f"{src}: holds no adapter ({ADAPTER}/, checkpoint-N/ or {ADAPTER_CONFIG}); pass an `l1ra train` "
                       "output folder or a PEFT adapter folder")
+
+
+def claim_output_dir(out, resume: Optional[str], overwrite: bool, clear: bool = True) -> Optional[Path]:
+    """Make `out` ready for `l1ra train`, refusing to mix two runs in one folder; returns the checkpoint to resume
+    from (`resume`: "auto" for the latest, or a checkpoint's path), if any. With `overwrite` the previous run's outputs
+    are removed, unless `clear` is False (under torchrun, processes other than 0 only check)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--output-dir {out}: exists and is not a directory")
+    if resume:
+        if overwrite:
+            raise RunDirError("--resume and --overwrite contradict each other; drop one")
+        ckpt = latest_checkpoint(out) if resume == "auto" else Path(resume)
+        if ckpt is None:
+            raise RunDirError(f"--resume: no checkpoint-N folder in {out} to resume from; start a new run without "
+                              "--resume")
+        if not is_adapter(ckpt) or not (ckpt / "trainer_state.json").exists():
+            raise RunDirError(f"--resume {ckpt}: not a checkpoint folder (no {ADAPTER_CONFIG} / trainer_state.json)")
+        return ckpt
+    previous = out.is_dir() and (any((out / n).exists() for n in OUTPUT_FILES) or latest_checkpoint(out) is not None)
+    if previous and not overwrite:
+        raise RunDirError(f"--output-dir {out} holds another run; pass --overwrite to replace it, --resume to continue "
+                          "it, or choose another --output-dir")
+    if previous and clear:
+        for name in OUTPUT_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        for path in out.glob("checkpoint-*"):
+            shutil.rmtree(path, ignore_errors=True)
+    return None

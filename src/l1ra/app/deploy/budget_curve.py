@@ -17,7 +17,6 @@ from typing import Optional, Sequence
 
 from ...atomic import atomic_write_json
 from ...export import ExportError, budget_curve, budget_from_fraction, export_adapter, read_adapter
-from ..train.options import TrainOptions
 from ..run_dir import ADAPTER, CURVE_JSON, CURVE_PNG, METRICS, RUN_CONFIG, RunDirError, find_adapter, read_config, \
     read_json
 DEFAULT_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.1)
@@ -32,17 +31,12 @@ def run_folder(src) -> Optional[Path]:
     return located.run if located.is_trained_run() else None
 
 
-def _run_options(config: dict) -> TrainOptions:
-    names = set(TrainOptions.keys())
-    return TrainOptions(**{k: v for k, v in (config.get("options") or {}).items() if k in names})
-
-
-def _plan(config: dict, opts: TrainOptions):
+def _plan(config: dict):
     """The run's device plan: its recorded precision where this machine has the same device, else what `l1ra train`
     would choose here for these options."""
     from ..devices import DevicePlan, current_plan
 
-    here = current_plan(bf16=None, cpu_bf16_default=bool(opts.bf16))
+    here = current_plan(bf16=None, cpu_bf16_default=bool((config.get("options") or {}).get("bf16")))
     recorded = str((config.get("data") or {}).get("device", ""))
     device, _, precision = recorded.partition(", ")
     if device == here.device and precision in ("fp32", "bf16", "fp16"):
@@ -73,7 +67,7 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
     if max_eval is not None and max_eval < 1:
         raise ExportError(f"max_eval={max_eval}: must be >= 1")
     config = read_config(run)
-    opts, task, model_path = _run_options(config), config.get("task", "causal-lm"), config.get("model_path")
+    options, task, model_path = config.get("options") or {}, config.get("task", "causal-lm"), config.get("model_path")
     if not model_path:
         raise ExportError(f"{run / RUN_CONFIG}: names no model_path; is it an `l1ra train` output folder?")
     adapter_dir = run / ADAPTER
@@ -90,19 +84,19 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
 
     from peft import PeftModel
 
+    from ..train.examples import DataChoice, llm_examples, sentiment_examples
     from ..train.models import load_model, load_tokenizer
-    from ..train.recipe import build_trainer, prepare_llm_data, prepare_sentiment_data
-    from ..train.trainers import from_trainer_metrics
+    from ..train.trainers import build_trainer, from_trainer_metrics
 
     tokenizer = load_tokenizer(model_path)
-    quiet = lambda msg: None  # noqa: E731 -- the run already reported its skipped rows
+    choice = DataChoice.from_options(options)  # the run's recorded data options: the same held-out rows
     if task == "classification":
-        _, held, _ = prepare_sentiment_data(opts, tokenizer)
+        _, held, _ = sentiment_examples(tokenizer, choice.max_length, choice.max_eval)
     else:
-        _, held, _ = prepare_llm_data(opts, tokenizer, quiet)
+        _, held, _ = llm_examples(tokenizer, choice, log=lambda msg: None)  # the run already reported skipped rows
     if max_eval is not None:
         held = held[:max_eval]
-    plan = _plan(config, opts)
+    plan = _plan(config)
     points = []
     with tempfile.TemporaryDirectory(prefix="l1ra-curve-") as tmp:
         tmp = Path(tmp)
@@ -117,11 +111,11 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
         model.eval()
         data = config.get("data") or {}
         args_kwargs = dict(
-            output_dir=str(tmp / "trainer"), per_device_eval_batch_size=max(opts.batch_size, 16)
-            if task == "causal-lm" else 128, seed=opts.seed, data_seed=opts.seed, report_to="none", disable_tqdm=True,
+            output_dir=str(tmp / "trainer"), per_device_eval_batch_size=max(options.get("batch_size", 8), 16)
+            if task == "causal-lm" else 128, seed=choice.seed, data_seed=choice.seed, report_to="none", disable_tqdm=True,
             remove_unused_columns=False, dataloader_num_workers=0, **plan.training_arguments(),
         )
-        trainer = build_trainer(task, model, tokenizer, held[:1], held, args_kwargs, None, [], opts.max_length,
+        trainer = build_trainer(task, model, tokenizer, held[:1], held, args_kwargs, None, [], choice.max_length,
                                 padding_free=data.get("padding_free"), sparse_head=data.get("sparse_lm_head"))
         n_eval = len(trainer.eval_dataset)
         log(f"l1ra: scoring {len(budgets)} budgets of {run} on {n_eval} held-out examples ({plan.describe()}) ...")

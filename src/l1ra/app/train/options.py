@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from ..errors import UserError
+from ..schedule import SCHEDULE_FLAGS, steps_or_fraction
 
 DEFAULT_OUTPUT_DIR = "runs/train"
 
@@ -127,6 +128,8 @@ def _validate(opts: TrainOptions) -> None:
         raise RunError(f"--eval-fraction {opts.eval_fraction}: must be in (0, 1)")
     if opts.max_length < 8:
         raise RunError(f"--max-length {opts.max_length}: too short, use at least 8 tokens")
+    for flag in SCHEDULE_FLAGS:  # one rule with `l1ra compare` (schedule.py)
+        steps_or_fraction(flag, getattr(opts, flag[2:].replace("-", "_")))
     report_to_list(opts.report_to)
 
 
