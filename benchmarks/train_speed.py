@@ -48,7 +48,7 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, bf16: Opt
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     import l1ra
-    from l1ra.app.train import data
+    from l1ra.app.train import data, shipped_data
     from l1ra.app.assets import smollm2_dir
     from l1ra.app.devices import current_plan
     from l1ra.app.train.trainers import build_trainer
@@ -60,7 +60,7 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, bf16: Opt
     if layers:  # a shallower model for slow machines: same vocabulary and head, fewer decoder blocks
         model.model.layers = model.model.layers[:layers]
         model.config.num_hidden_layers = layers
-    train, held = data.gsm8k_split()
+    train, held = shipped_data.gsm8k_split()
     fmt = data.Format("prompt-completion", prompt="prompt", completion="completion")
     rows, _ = data.sft_rows(tok, train[: batch_size * (steps + 1)], fmt, max_length)
     total = steps + 1

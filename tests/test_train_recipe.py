@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from l1ra.app.train import data
+from l1ra.app.train import data, shipped_data
 from l1ra.app.devices import DevicePlan, plan_device
 from test_data import make_tokenizer
 
@@ -99,7 +99,7 @@ def test_default_run_gsm8k_loss_tokens_unchanged(tmp_path):
     from l1ra.app.assets import smollm2_dir
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
-    train, held = data.gsm8k_split()
+    train, held = shipped_data.gsm8k_split()
     rows = held[:12] + train[:12]
     old, _ = data.tokenize_rows(tok, rows, PC, 192)
     new = _trl_examples(tmp_path, tok, rows, PC, 192)

