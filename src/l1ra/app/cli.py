@@ -40,7 +40,8 @@ def _chosen_command(argv: Sequence[str]) -> Optional[str]:
 
 def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
     """The `l1ra` parser: every command listed, only the one `argv` runs fully defined (see COMMANDS)."""
-    parser = argparse.ArgumentParser(prog="l1ra", description="L1RA: LoRA with L1-regularised rank assignment.")
+    parser = argparse.ArgumentParser(prog="l1ra", description="L1RA: LoRA with L1-regularised rank assignment.",
+                                     epilog="`l1ra COMMAND --help` shows a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = _chosen_command(list(argv) if argv is not None else sys.argv[1:])
     for name, (module, function, help_text) in COMMANDS.items():
