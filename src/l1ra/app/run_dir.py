@@ -9,8 +9,8 @@
       summary.txt, rank_heatmap.png, rank_by_module_type.png, loss_curves.png     `l1ra report`
       budget_curve.json, budget_curve.png                                          `l1ra export --curve`
 
-Every command that takes a run folder (`report`, `merge`, `generate`, `export`) finds its adapter with
-`find_adapter`, so they accept the same things: a run folder, one of its checkpoints, or any PEFT adapter folder.
+Every command that takes an adapter (`merge`, `generate`, `export`) finds it with `find_adapter`, so they accept the
+same things: a run folder, one of its checkpoints or its adapter/, or any PEFT adapter folder.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 class RunDirError(UserError, ValueError):
-    """A folder that holds no adapter; the message says what to pass instead."""
+    """A folder that cannot be used as asked (it holds no adapter, or another run); the message says what to pass."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ class Located:
 
     def base_model(self) -> Optional[str]:
         """The base model: the one the run trained, else the adapter's `base_model_name_or_path`."""
-        return self.config().get("model_path") or read_json(self.adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
+        own = read_json(self.adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
+        return self.config().get("model_path") or own
 
     def is_trained_run(self) -> bool:
         """True when this is a run's final adapter and the run recorded its options and model (what `--curve`,

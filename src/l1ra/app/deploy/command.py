@@ -145,7 +145,8 @@ def print_curve(src, fractions=None) -> int:
 
 
 def add_merge_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("merge", help="write the base model with the adapter merged in (a plain transformers model)")
+    p = subparsers.add_parser("merge",
+                              help="write the base model with the adapter merged in (a plain transformers model)")
     p.add_argument("run_dir", metavar="DIR", help="an `l1ra train` output directory, a checkpoint or an adapter folder")
     p.add_argument("--out", required=True, metavar="MERGED", help="folder for the merged model")
     p.add_argument("--model", help="base model (default: the one the run trained)")
