@@ -6,11 +6,11 @@ Variants, each a fresh process (so peak RSS and page faults are its own), run in
 - `l1ra`:   L1RA, the new batching and loss (padding-free batches where the model supports them, LM head on loss
             positions only);
 - `lora`:   plain PEFT LoRA (same rank, alpha, targets, lr, data, batches), the same batching and loss as `l1ra`;
-- `-malloc` suffix: the same with glibc's malloc told to keep freed memory (`l1ra.app.memory.keep_freed_memory`, as
+- `-malloc` suffix: the same with glibc's malloc told to keep freed memory (`l1ra.app.train.memory.keep_freed_memory`, as
   `l1ra train` does on a CPU run): the kernel-time / page-fault question of `make run`. `l1ra-malloc` is the recipe
   of `l1ra train` on a CPU now, `lora-malloc` plain LoRA with the same recipe.
 
-Every variant trains through `l1ra.app.train.build_trainer` (the Trainer the CLI uses) on the same batches; the step
+Every variant trains through `l1ra.app.train.trainers.build_trainer` (the Trainer the CLI uses) on the same batches; the step
 time is measured from the Trainer's `on_step_begin` to `on_step_end` (forward, backward, optimizer, L1RA callback),
 the first step is a warm-up. Reported: median step time, useful (loss-carrying) tokens per second, peak RSS, minor page
 faults and user/system CPU time per step, and the ratios against `today` and `lora`. On a shared machine the CPU
@@ -38,7 +38,7 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, bf16: Opt
     malloc = variant.endswith("-malloc")
     variant = variant.removesuffix("-malloc")
     if malloc:
-        from l1ra.app.memory import keep_freed_memory
+        from l1ra.app.train.memory import keep_freed_memory
 
         assert keep_freed_memory(), "glibc's mallopt is not available here"
     import resource
@@ -48,10 +48,10 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, bf16: Opt
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     import l1ra
-    from l1ra.app import data
+    from l1ra.app.train import data, shipped_data
     from l1ra.app.assets import smollm2_dir
     from l1ra.app.devices import current_plan
-    from l1ra.app.train import build_trainer
+    from l1ra.app.train.trainers import build_trainer
 
     torch.manual_seed(0)
     path = str(smollm2_dir())
@@ -60,7 +60,7 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, bf16: Opt
     if layers:  # a shallower model for slow machines: same vocabulary and head, fewer decoder blocks
         model.model.layers = model.model.layers[:layers]
         model.config.num_hidden_layers = layers
-    train, held = data.gsm8k_split()
+    train, held = shipped_data.gsm8k_split()
     fmt = data.Format("prompt-completion", prompt="prompt", completion="completion")
     rows, _ = data.sft_rows(tok, train[: batch_size * (steps + 1)], fmt, max_length)
     total = steps + 1

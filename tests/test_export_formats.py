@@ -142,7 +142,7 @@ def test_every_format_and_budget_loads_in_vanilla_peft_with_the_promised_logits(
     }
     folders = {}
     for key, (kwargs, want) in cases.items():
-        folders[key] = (ex.export_adapter(src, tmp_path / key, **kwargs), want)
+        folders[key] = (ex.export_adapter(src / "adapter", tmp_path / key, **kwargs), want)
     worst = load_in_vanilla_peft(run, folders)
     print(which, json.dumps(worst))
     assert len(worst) == len(cases) + 2 and max(worst.values()) < 1e-5, worst
@@ -275,7 +275,7 @@ def test_svd_factors_work_on_thin_factors_of_a_wide_layer():
 
 
 def test_errors_name_the_problem(run, tmp_path):
-    src = run["src"]
+    src = run["src"] / "adapter"
     total, n = sum(run["ranks"].values()), len(run["ranks"])
     top = max(run["ranks"].values())
     cases = [
@@ -292,8 +292,11 @@ def test_errors_name_the_problem(run, tmp_path):
             ex.export_adapter(src, tmp_path / "x", **kwargs)
     with pytest.raises(ex.ExportError, match="no such folder"):
         ex.export_adapter(tmp_path / "missing", tmp_path / "x")
-    with pytest.raises(ex.ExportError, match="would overwrite the source"):
-        ex.export_adapter(src, src / "adapter")
+    with pytest.raises(ex.ExportError, match="holds no adapter_config.json; pass a PEFT LoRA adapter folder"):
+        ex.export_adapter(run["src"], tmp_path / "x")  # the library takes adapter folders; the CLI finds them
+    for out in (src, src / "inside", run["src"]):  # the adapter itself, a folder in it, a folder holding it
+        with pytest.raises(ex.ExportError, match="would overwrite the source"):
+            ex.export_adapter(src, out, overwrite=True)
     ex.export_adapter(src, tmp_path / "once")
     with pytest.raises(ex.ExportError, match="already exists"):
         ex.export_adapter(src, tmp_path / "once")
@@ -314,10 +317,10 @@ def test_unsupported_adapters_are_refused(tmp_path):
 
 
 def cli(argv):
-    from l1ra.app import export_cmd
+    from l1ra.app.deploy import command
 
     parser = argparse.ArgumentParser(prog="l1ra")
-    export_cmd.add_parser(parser.add_subparsers(dest="command"))
+    command.add_export_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     return args.func(args)
 

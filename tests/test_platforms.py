@@ -12,8 +12,8 @@ import torch
 import l1ra
 from conftest import make_model
 from l1ra.app.devices import DevicePlan, current_plan
-from l1ra.app.models import load_model
-from l1ra.app.options import RunError
+from l1ra.app.train.models import load_model
+from l1ra.app.train.options import RunError
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,8 @@ def _kernels_note(logger):
 
 
 def test_the_bitsandbytes_kernels_note_is_hidden_unless_the_run_loads_4_bit(tmp_path, caplog):
-    from l1ra.app.cli import main, show_bnb_kernels_note
+    from l1ra.app.cli import main
+    from l1ra.app.console import show_bnb_kernels_note
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     try:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from l1ra.app import data
+from l1ra.app.train import data, shipped_data
 from l1ra.app.devices import DevicePlan, plan_device
 from test_data import make_tokenizer
 
@@ -62,7 +62,7 @@ def _tiny_llama(vocab: int, seed: int = 0):
 
 
 def _lm_trainer(tmp_path, model, tok, train_rows, held_rows, max_length, padding_free=None, **extra):
-    from l1ra.app.train import build_trainer
+    from l1ra.app.train.trainers import build_trainer
 
     args = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, per_device_eval_batch_size=4,
                 max_steps=1, **extra)
@@ -99,7 +99,7 @@ def test_default_run_gsm8k_loss_tokens_unchanged(tmp_path):
     from l1ra.app.assets import smollm2_dir
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
-    train, held = data.gsm8k_split()
+    train, held = shipped_data.gsm8k_split()
     rows = held[:12] + train[:12]
     old, _ = data.tokenize_rows(tok, rows, PC, 192)
     new = _trl_examples(tmp_path, tok, rows, PC, 192)
@@ -146,7 +146,7 @@ def _examples(seed=0, n=5, vocab=96):
 def test_sparse_head_and_padding_free_match_the_models_own_loss(arch):
     from conftest import make_model
 
-    from l1ra.app.trainers import lm_collator, lm_token_losses, supports_padding_free
+    from l1ra.app.train.trainers import lm_collator, lm_token_losses, supports_padding_free
 
     model = make_model(arch)
     assert supports_padding_free(model)
@@ -169,7 +169,7 @@ def test_sparse_head_and_padding_free_match_the_models_own_loss(arch):
 def test_sparse_head_gradients_match_full_logits():
     from conftest import make_model
 
-    from l1ra.app.trainers import lm_collator, lm_token_losses
+    from l1ra.app.train.trainers import lm_collator, lm_token_losses
 
     examples = _examples(seed=3)
     grads = []
@@ -185,7 +185,7 @@ def test_sparse_head_gradients_match_full_logits():
 def test_classifier_has_no_padding_free():
     from conftest import make_model
 
-    from l1ra.app.trainers import supports_padding_free
+    from l1ra.app.train.trainers import supports_padding_free
 
     assert not supports_padding_free(make_model("bert"))
 
@@ -209,7 +209,7 @@ def _reference_heldout_loss(model, examples):
 
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_trainer_evaluate_gives_the_token_weighted_heldout_loss(tmp_path, padding_free):
-    from l1ra.app.trainers import from_trainer_metrics
+    from l1ra.app.train.trainers import from_trainer_metrics
 
     tok = make_tokenizer()
     rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"{i} plus {i} is {2 * i}."} for i in range(7)]
@@ -230,7 +230,7 @@ def test_trainer_evaluate_gives_the_token_weighted_heldout_loss(tmp_path, paddin
 def test_heldout_metrics_classification():
     import numpy as np
 
-    from l1ra.app.trainers import heldout_metrics
+    from l1ra.app.train.trainers import heldout_metrics
 
     rows = np.array([[0.5, 1, 1], [1.5, 1, 0], [1.0, 1, 1], [0.0, 1, 1]])
     assert heldout_metrics(rows, "classification") == {"heldout_loss": 0.75, "accuracy": 0.75}
@@ -242,7 +242,7 @@ def test_heldout_metrics_classification():
 
 
 def test_nonfinite_flag():
-    from l1ra.app.monitor import nonfinite_flag
+    from l1ra.app.train.monitor import nonfinite_flag
 
     good = [torch.ones(3), torch.full((2, 2), 3e38)]  # finite even where a 2-norm would overflow
     assert not nonfinite_flag(good)
@@ -254,7 +254,7 @@ def test_nonfinite_flag():
 def test_nonfinite_flag_stays_on_the_device():
     from syncs import no_host_sync
 
-    from l1ra.app.monitor import nonfinite_flag
+    from l1ra.app.train.monitor import nonfinite_flag
 
     with no_host_sync():
         flag = nonfinite_flag([torch.ones(4) for _ in range(50)])
@@ -264,6 +264,6 @@ def test_nonfinite_flag_stays_on_the_device():
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
                     reason="glibc only")
 def test_keep_freed_memory_applies_on_glibc():
-    from l1ra.app.memory import keep_freed_memory
+    from l1ra.app.train.memory import keep_freed_memory
 
     assert keep_freed_memory() is True

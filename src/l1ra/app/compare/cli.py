@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..errors import UserError
 from .dataset import MAX_DEV, MAX_TEST, MIN_ROWS, MIN_SPLIT
 from .methods import METHODS
 from .plan import make_plan
@@ -230,5 +231,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_from_args(args, argv)
-    except ValueError as exc:
+    except (UserError, ValueError) as exc:
         parser.error(str(exc))

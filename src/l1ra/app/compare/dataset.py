@@ -1,6 +1,6 @@
 """`l1ra compare --dataset FILE [--model M]`: does moving rank help on *your* data?
 
-The file is read by `l1ra train`'s own loader (`l1ra.app.data`: .json, .jsonl, .csv or .parquet; prompt/completion,
+The file is read by `l1ra train`'s own loader (`l1ra.app.train.data`: .json, .jsonl, .csv or .parquet; prompt/completion,
 chat messages or plain text rows, found by column name or named with the same column flags). Two splits are carved
 from it, each by a fixed seeded shuffle (the same for every run and seed, so runs pair by seed):
 
@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from ..data import DataError
+from ..train.data import DataError
 from .tasks import DEV_SEED, Task, carve_dev, pick_split, shuffled_batches
 
 MIN_SPLIT = 10  # examples in the dev and in the test split, at the least
@@ -50,7 +50,7 @@ def carve_splits(rows: list, test_size: int, dev_size: int) -> tuple[list, list,
 
 
 def _read_rows(file: str) -> list[dict]:
-    from .. import data
+    from ..train import data
 
     if not Path(file).expanduser().is_file():
         raise DataError(f"--dataset {file}: no such file; l1ra compare takes a local .json, .jsonl, .csv or .parquet "
@@ -69,8 +69,8 @@ def describe_file(file: str, *, model: Optional[str] = None, **columns: Optional
     """(the runs' `user_data`, the default dev size) for `--dataset file`: checks the file, its format (column flags
     as in `l1ra train`), its size and the model before any run starts. The checksum keys the runs in results.json:
     a changed file is a new comparison."""
-    from .. import data
-    from ..models import resolve_model_path
+    from ..train import data
+    from ..train.models import resolve_model_path
 
     rows = _read_rows(file)
     fmt = data.detect_format(rows[0].keys(), **columns)
@@ -86,8 +86,8 @@ def describe_file(file: str, *, model: Optional[str] = None, **columns: Optional
 
 def dataset_task(max_length: int, eval_limit: Optional[int], dev_size: int, user_data: dict) -> Task:
     """The task of `user_data` (see `describe_file`): the model, the carved splits tokenised as `l1ra train` does."""
-    from .. import data
-    from ..models import load_model, load_tokenizer
+    from ..train import data
+    from ..train.models import load_model, load_tokenizer
     from .lm import answer_loss, pad
 
     file, model_path = user_data["file"], user_data["model"]

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..data import IGNORE_INDEX
+from ..train.data import IGNORE_INDEX
 
 
 def to_device(batch: dict, device) -> dict:

@@ -46,7 +46,7 @@ def resolve_device(
         raise ValueError(f"--device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
     kind = device.split(":")[0]
     if kind == "cuda" and cuda_bf16 is None:
-        cuda_bf16 = torch.cuda.is_bf16_supported()
+        cuda_bf16 = devices.cuda_bf16_native()  # as `l1ra train`: emulated bf16 (T4, V100) is slower than fp16
     if kind == "cpu" and cpu_bf16 is None:
         cpu_bf16 = devices.cpu_bf16_native()
     plan = devices.plan_device(cuda=kind == "cuda", mps=kind == "mps", cuda_bf16=bool(cuda_bf16),

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
+from ..errors import UserError
+from ..schedule import steps_or_fraction
 from .methods import DEFAULT_METHODS, TUNED_L1RA, method_fields
 from .tasks import CLASSIFICATION_TASKS, DEFAULTS
 
@@ -21,7 +22,7 @@ HASH_NEUTRAL_DEFAULTS = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A command line that cannot be planned; the message names the flag to change."""
 
 
@@ -126,17 +127,6 @@ class Plan:
                 for s, m in plan_runs(self.methods, self.seeds)]
 
 
-def steps_or_fraction(flag: str, value: Optional[float], zero_ok: bool) -> Optional[float]:
-    """A schedule point given as a fraction of the run (< 1) or a whole number of optimizer steps (>= 1)."""
-    if value is None:
-        return None
-    low_ok = value >= 0 if zero_ok else value > 0
-    if not (math.isfinite(value) and low_ok and (value < 1 or float(value).is_integer())):
-        raise PlanError(f"{flag} {value:g}: give a fraction of the steps ({'0' if zero_ok else '0 <'} <= f < 1) "
-                         "or a whole number of optimizer steps (1, 2, ...)")
-    return value
-
-
 def _methods(args, task: str) -> list:
     methods = list(args.methods or DEFAULT_METHODS)
     if task not in CLASSIFICATION_TASKS and args.methods is None:
@@ -201,8 +191,11 @@ def make_plan(args) -> Plan:
     for key in ("l1ra_lambda", "eta_c", "l1_start"):
         if getattr(args, key) is not None:
             tuned[key] = getattr(args, key)
-    steps_or_fraction("--l1-start", tuned["l1_start"], zero_ok=True)
-    update_every = steps_or_fraction("--update-every", args.update_every, zero_ok=False)
+    # the one rule of `l1ra train` and `l1ra compare` (schedule.py); the values stay as given, so that the specs of
+    # recorded runs keep their keys
+    steps_or_fraction("--l1-start", tuned["l1_start"])
+    steps_or_fraction("--update-every", args.update_every)
+    update_every = args.update_every
     common = dict(
         task=task, steps=steps, batch_size=args.batch_size or d.batch_size, lr=args.lr or d.lr,
         max_length=args.max_length or d.max_length,

@@ -11,7 +11,7 @@ from .options import RunError
 def resolve_model_path(spec: Optional[str]) -> str:
     """The folder (or hub id) to load: the converted SmolLM2 for None, a converted folder for a `.gguf` file."""
     if spec is None or str(spec).lower().endswith(".gguf"):
-        from .assets import resolve_model_spec
+        from ..assets import resolve_model_spec
 
         return str(resolve_model_spec(spec))
     path = Path(spec).expanduser()

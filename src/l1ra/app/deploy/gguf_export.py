@@ -17,15 +17,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..export import (
+from ...export import (
     ExportError,
     LoraAdapter,
     check_out,
     fold_scaling,
     pad_ranks,
     prepare,
-    resolve_source,
 )
+from ..run_dir import find_adapter
 
 # Hugging Face architecture -> llama.cpp architecture name, for the architectures the shipped models use.
 SUPPORTED = {"LlamaForCausalLM": "llama", "Gemma3ForCausalLM": "gemma3"}
@@ -121,7 +121,7 @@ def write_gguf(adapter: LoraAdapter, info: dict, out, name: Optional[str] = None
     `alpha` (default: `llama_cpp_alpha(adapter)`, scale 1 everywhere) is for tests that mimic other converters."""
     import gguf
 
-    from ..atomic import atomic_write
+    from ...atomic import atomic_write
 
     tensors = gguf_tensors(adapter, info)
     alpha = llama_cpp_alpha(adapter) if alpha is None else float(alpha)
@@ -153,10 +153,12 @@ def export_gguf(src, out, rank: Optional[int] = None, budget: Optional[int] = No
     `base_model_name_or_path`. rank: zero-pad every module to this rank (not needed by llama.cpp).
     budget / fraction: as in `l1ra.export.export_adapter`.
     """
+    located = find_adapter(src)
+    src = located.adapter
     out = check_out(out, src, overwrite)
     if out.is_dir():
         raise ExportError(f"out={out}: is a folder; give the .gguf file to write")
-    base = base if base is not None else resolve_source(src)[1]
+    base = base if base is not None else located.base_model()
     if base is None or not Path(base).exists():
         raise ExportError(
             f"the base model {base!r} is not a local folder or file; pass base= (--base) with the base model's "

@@ -6,65 +6,40 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..atomic import atomic_dir
+from ...atomic import atomic_dir
+from ..errors import UserError
+from ..run_dir import ADAPTER_CONFIG, Located, find_adapter
 
 
-class ServeError(ValueError):
-    pass
+class ServeError(UserError, ValueError):
+    """A model, adapter or prompt that `l1ra merge` / `l1ra generate` cannot use."""
 
 
-def find_adapter(run_dir) -> tuple[Path, Optional[Path]]:
-    """`(adapter folder, run folder or None)` for a run output dir, a checkpoint or an adapter folder."""
-    from .train import ADAPTER_DIR, RUN_CONFIG, latest_checkpoint
-
-    d = Path(run_dir)
-    if not d.is_dir():
-        raise ServeError(f"{d}: no such directory")
-    if (d / "adapter_config.json").is_file():
-        for run in (d.parent, d):
-            if (run / RUN_CONFIG).is_file():
-                return d, run
-        return d, None
-    if (d / ADAPTER_DIR / "adapter_config.json").is_file():
-        return d / ADAPTER_DIR, d
-    ckpt = latest_checkpoint(d)
-    if ckpt is not None:
-        return ckpt, d if (d / RUN_CONFIG).is_file() else None
-    raise ServeError(f"{d}: holds no adapter (adapter/, checkpoint-N/ or adapter_config.json); is it an "
-                     "`l1ra train` output dir?")
-
-
-def base_model_path(adapter: Path, run: Optional[Path], model: Optional[str]) -> str:
-    from .train import RUN_CONFIG
-
+def base_model_path(located: Located, model: Optional[str]) -> str:
     if model:
-        from .assets import resolve_model_spec
+        from ..assets import resolve_model_spec
 
         return str(resolve_model_spec(model))  # a .gguf file -> its converted folder
-    if run is not None:
-        cfg = json.loads((run / RUN_CONFIG).read_text())
-        if cfg.get("model_path"):
-            return cfg["model_path"]
-    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = located.base_model()
     if not base:
-        raise ServeError(f"{adapter}: the adapter does not name its base model; pass --model")
+        raise ServeError(f"{located.adapter}: the adapter does not name its base model; pass --model")
     return base
 
 
 def load_tuned(run_dir, model: Optional[str] = None, merge: bool = False):
     """`(peft_model, tokenizer, task)` with the adapter loaded for inference, on the best device (cuda > mps > cpu):
     in half precision on CUDA for generation, in float32 to merge (the merged weights are saved as float32)."""
+    located = find_adapter(run_dir)  # a wrong folder or model is named before the heavy imports
+    adapter, base_path = located.adapter, base_model_path(located, model)
+    if not Path(base_path).exists() and "/" in base_path and base_path.startswith(("/", ".", "~")):
+        raise ServeError(f"base model {base_path} not found; pass --model")
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from .devices import current_plan
+    from ..devices import current_plan
 
-    adapter, run = find_adapter(run_dir)
-    base_path = base_model_path(adapter, run, model)
-    if not Path(base_path).exists() and "/" in base_path and base_path.startswith(("/", ".", "~")):
-        raise ServeError(f"base model {base_path} not found; pass --model")
-    task_type = json.loads((adapter / "adapter_config.json").read_text()).get("task_type")
+    task_type = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("task_type")
     cls = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
     plan = current_plan()
     dtype = torch.float32 if merge else plan.model_dtype()
@@ -99,7 +74,7 @@ def generate(run_dir, prompt: str, model: Optional[str] = None, max_new_tokens: 
     """The tuned model's greedy answer to `prompt` (chat template applied when the tokenizer has one)."""
     import torch
 
-    from .data import render_prompt
+    from ..train.data import render_prompt
 
     if not prompt.strip():
         raise ServeError("the prompt is empty")

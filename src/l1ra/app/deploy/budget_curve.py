@@ -9,47 +9,34 @@ Writes `<run>/budget_curve.json` and `<run>/budget_curve.png`.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..atomic import atomic_write_json
-from ..export import ExportError, RUN_ADAPTER, RUN_CONFIG, budget_curve, budget_from_fraction, export_adapter, \
-    read_adapter
-from .options import TrainOptions
-
-CURVE_JSON, CURVE_PNG = "budget_curve.json", "budget_curve.png"
+from ...atomic import atomic_write_json
+from ...export import ExportError, budget_curve, budget_from_fraction, export_adapter, read_adapter
+from ..run_dir import ADAPTER, CURVE_JSON, CURVE_PNG, METRICS, RUN_CONFIG, RunDirError, find_adapter, read_config, \
+    read_json
 DEFAULT_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.1)
 
 
 def run_folder(src) -> Optional[Path]:
     """The `l1ra train` folder `src` belongs to (the run folder itself or its `adapter/`), else None."""
-    src = Path(src)
-    for run in (src, src.parent if src.name == RUN_ADAPTER else None):
-        if run is not None and (run / RUN_CONFIG).is_file() and (run / RUN_ADAPTER / "adapter_config.json").is_file():
-            try:
-                config = json.loads((run / RUN_CONFIG).read_text())
-            except (OSError, ValueError):
-                return None
-            # `l1ra train` records its options and model; a folder with only a model path is a bare adapter's
-            return run if isinstance(config, dict) and "options" in config and config.get("model_path") else None
-    return None
+    try:
+        located = find_adapter(src)
+    except RunDirError:
+        return None
+    return located.run if located.is_trained_run() else None
 
 
-def _run_options(config: dict) -> TrainOptions:
-    names = set(TrainOptions.keys())
-    return TrainOptions(**{k: v for k, v in (config.get("options") or {}).items() if k in names})
-
-
-def _plan(config: dict, opts: TrainOptions):
+def _plan(config: dict):
     """The run's device plan: its recorded precision where this machine has the same device, else what `l1ra train`
     would choose here for these options."""
-    from .devices import DevicePlan, current_plan
+    from ..devices import DevicePlan, current_plan
 
-    here = current_plan(bf16=None, cpu_bf16_default=bool(opts.bf16))
+    here = current_plan(bf16=None, cpu_bf16_default=bool((config.get("options") or {}).get("bf16")))
     recorded = str((config.get("data") or {}).get("device", ""))
     device, _, precision = recorded.partition(", ")
     if device == here.device and precision in ("fp32", "bf16", "fp16"):
@@ -61,30 +48,20 @@ def _adapter_parameters(path: Path) -> int:
     return sum(m.a.numel() + m.b.numel() for m in read_adapter(path).modules.values())
 
 
-def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budgets: Optional[Sequence[int]] = None,
-                     max_eval: Optional[int] = None, out=None, log=None) -> dict:
-    """Score the run's adapter truncated to each budget on the run's held-out set; returns the curve (also written to
-    `<out>/budget_curve.json` and `<out>/budget_curve.png`, `out` defaulting to the run folder).
-
-    fractions: of the adapter's total rank (default 1.0, 0.75, 0.5, 0.25, 0.1); budgets: total ranks (instead).
-    max_eval: score only the first N held-out examples (faster; the base and full-adapter lines use the same N).
-    """
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+def _trained_run(run_dir) -> tuple[Path, dict]:
+    """`(run folder, its train_config.json)`; `ExportError` for anything but an `l1ra train` output folder."""
     run = run_folder(run_dir)
     if run is None:
-        raise ExportError(f"{run_dir}: not an `l1ra train` output folder ({RUN_CONFIG} and {RUN_ADAPTER}/); the "
+        raise ExportError(f"{run_dir}: not an `l1ra train` output folder ({RUN_CONFIG} and {ADAPTER}/); the "
                           "held-out curve needs the run's data and model (for a bare adapter, --curve shows the "
                           "update's energy only)")
+    return run, read_config(run)
+
+
+def _budgets(adapter, fractions: Optional[Sequence[float]], budgets: Optional[Sequence[int]]) -> list[int]:
+    """The total ranks to score, largest first, each checked against the adapter."""
     if fractions is not None and budgets is not None:
         raise ExportError("fractions and budgets both given: pass one of them")
-    if max_eval is not None and max_eval < 1:
-        raise ExportError(f"max_eval={max_eval}: must be >= 1")
-    config = json.loads((run / RUN_CONFIG).read_text())
-    opts, task, model_path = _run_options(config), config.get("task", "causal-lm"), config.get("model_path")
-    if not model_path:
-        raise ExportError(f"{run / RUN_CONFIG}: names no model_path; is it an `l1ra train` output folder?")
-    adapter_dir = run / RUN_ADAPTER
-    adapter = read_adapter(adapter_dir)
     n_modules, total = len(adapter.modules), sum(adapter.ranks.values())
     if budgets is None:
         budgets = [budget_from_fraction(adapter, float(f)) for f in (fractions or DEFAULT_FRACTIONS)]
@@ -93,43 +70,71 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
     if bad:
         raise ExportError(f"budget {bad[0]}: must be between the number of adapted modules ({n_modules}) and the "
                           f"adapter's total rank ({total})")
-    energy = {row["budget"]: row for row in budget_curve(adapter, budgets)}
+    return budgets
 
+
+def _evaluator(config: dict, adapter_dir: Path, adapters: dict, plan, max_eval: Optional[int], tmp: Path):
+    """`(trainer, model)`: the base model with the saved adapter ("full") and each of `adapters` ({name: folder})
+    loaded by plain PEFT, and the run's own Trainer evaluation on the run's held-out rows (first `max_eval`)."""
     from peft import PeftModel
 
-    from .models import load_model, load_tokenizer
-    from .train import build_trainer, prepare_llm_data, prepare_sentiment_data
-    from .trainers import from_trainer_metrics
+    from ..train.examples import DataChoice, llm_examples, sentiment_examples
+    from ..train.models import load_model, load_tokenizer
+    from ..train.trainers import build_trainer
 
+    options, task, model_path = config.get("options") or {}, config.get("task", "causal-lm"), config["model_path"]
     tokenizer = load_tokenizer(model_path)
-    quiet = lambda msg: None  # noqa: E731 -- the run already reported its skipped rows
+    choice = DataChoice.from_options(options)  # the run's recorded data options: the same held-out rows
     if task == "classification":
-        _, held, _ = prepare_sentiment_data(opts, tokenizer)
+        _, held, _ = sentiment_examples(tokenizer, choice.max_length, choice.max_eval)
     else:
-        _, held, _ = prepare_llm_data(opts, tokenizer, quiet)
-    if max_eval is not None:
-        held = held[:max_eval]
-    plan = _plan(config, opts)
+        _, held, _ = llm_examples(tokenizer, choice, log=lambda msg: None)  # the run already reported skipped rows
+    held = held[:max_eval] if max_eval is not None else held
+    model = PeftModel.from_pretrained(load_model(model_path, task), str(adapter_dir), adapter_name="full")
+    for name, path in adapters.items():
+        model.load_adapter(str(path), adapter_name=name)
+    model.eval()
+    data = config.get("data") or {}
+    args_kwargs = dict(
+        output_dir=str(tmp / "trainer"), seed=choice.seed, data_seed=choice.seed, report_to="none", disable_tqdm=True,
+        per_device_eval_batch_size=max(options.get("batch_size", 8), 16) if task == "causal-lm" else 128,
+        remove_unused_columns=False, dataloader_num_workers=0, **plan.training_arguments(),
+    )
+    trainer = build_trainer(task, model, tokenizer, held[:1], held, args_kwargs, None, [], choice.max_length,
+                            padding_free=data.get("padding_free"), sparse_head=data.get("sparse_lm_head"))
+    return trainer, model
+
+
+def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budgets: Optional[Sequence[int]] = None,
+                     max_eval: Optional[int] = None, out=None, log=None) -> dict:
+    """Score the run's adapter truncated to each budget on the run's held-out set; returns the curve (also written to
+    `<out>/budget_curve.json` and `<out>/budget_curve.png`, `out` defaulting to the run folder).
+
+    fractions: of the adapter's total rank (default 1.0, 0.75, 0.5, 0.25, 0.1); budgets: total ranks (instead).
+    max_eval: score only the first N held-out examples (faster; the base and full-adapter lines use the same N).
+    """
+    from ..train.trainers import from_trainer_metrics
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    run, config = _trained_run(run_dir)
+    if max_eval is not None and max_eval < 1:
+        raise ExportError(f"max_eval={max_eval}: must be >= 1")
+    if not config.get("model_path"):
+        raise ExportError(f"{run / RUN_CONFIG}: names no model_path; is it an `l1ra train` output folder?")
+    adapter_dir = run / ADAPTER
+    adapter = read_adapter(adapter_dir)
+    n_modules, total = len(adapter.modules), sum(adapter.ranks.values())
+    budgets = _budgets(adapter, fractions, budgets)
+    energy = {row["budget"]: row for row in budget_curve(adapter, budgets)}
+    plan = _plan(config)
     points = []
     with tempfile.TemporaryDirectory(prefix="l1ra-curve-") as tmp:
         tmp = Path(tmp)
+        folders = {b: export_adapter(adapter_dir, tmp / f"budget-{b}", format="peft", budget=b) for b in budgets}
         # the untruncated adapter as saved, loaded by plain PEFT; at full budget the export is the same function (an
         # SVD re-factoring), so it is scored only when the full budget is not among the points
-        model = PeftModel.from_pretrained(load_model(model_path, task), str(adapter_dir), adapter_name="full")
-        names = {}
-        for budget in budgets:
-            path = export_adapter(adapter_dir, tmp / f"budget-{budget}", format="peft", budget=budget)
-            names[budget] = f"budget_{budget}"
-            model.load_adapter(str(path), adapter_name=names[budget])
-        model.eval()
-        data = config.get("data") or {}
-        args_kwargs = dict(
-            output_dir=str(tmp / "trainer"), per_device_eval_batch_size=max(opts.batch_size, 16)
-            if task == "causal-lm" else 128, seed=opts.seed, data_seed=opts.seed, report_to="none", disable_tqdm=True,
-            remove_unused_columns=False, dataloader_num_workers=0, **plan.training_arguments(),
-        )
-        trainer = build_trainer(task, model, tokenizer, held[:1], held, args_kwargs, None, [], opts.max_length,
-                                padding_free=data.get("padding_free"), sparse_head=data.get("sparse_lm_head"))
+        trainer, model = _evaluator(config, adapter_dir, {f"budget_{b}": f for b, f in folders.items()}, plan,
+                                    max_eval, tmp)
         n_eval = len(trainer.eval_dataset)
         log(f"l1ra: scoring {len(budgets)} budgets of {run} on {n_eval} held-out examples ({plan.describe()}) ...")
 
@@ -145,22 +150,20 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
         log(f"l1ra: base model: held-out loss {base['loss']:.4f} ({time.perf_counter() - t0:.0f} s)")
         full = None if total in budgets else score("full")
         for budget in budgets:
-            result = score(names[budget])
-            if budget == total:
-                full = result
+            result = score(f"budget_{budget}")
+            full = result if budget == total else full
             points.append({"budget": budget, "fraction": budget / total,
-                           "parameters": _adapter_parameters(tmp / f"budget-{budget}"), "heldout_loss": result["loss"],
+                           "parameters": _adapter_parameters(folders[budget]), "heldout_loss": result["loss"],
                            **{k: v for k, v in result.items() if k != "loss"},
                            "energy_kept": energy[budget]["kept"], "max_rank": energy[budget]["max_rank"]})
             log(f"l1ra: budget {budget}: held-out loss {result['loss']:.4f} ({time.perf_counter() - t0:.0f} s so far)")
-    metrics_path = run / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     curve = {
-        "run": str(run), "model_path": model_path, "task": task, "device": plan.describe(),
-        "eval_examples": n_eval, "max_eval": max_eval, "modules": n_modules, "total_rank": total,
-        "base": base, "full": {**full, "budget": total, "parameters": _adapter_parameters(adapter_dir),
-                               "scored": "fraction-1 export" if total in budgets else "the saved adapter"},
-        "run_tuned_loss": (metrics.get("tuned") or {}).get("loss"),
+        "run": str(run), "model_path": config["model_path"], "task": config.get("task", "causal-lm"),
+        "device": plan.describe(), "eval_examples": n_eval, "max_eval": max_eval, "modules": n_modules,
+        "total_rank": total, "base": base,
+        "full": {**full, "budget": total, "parameters": _adapter_parameters(adapter_dir),
+                 "scored": "fraction-1 export" if total in budgets else "the saved adapter"},
+        "run_tuned_loss": (read_json(run / METRICS).get("tuned") or {}).get("loss"),
         "run_eval_examples": (config.get("data") or {}).get("eval_examples"),
         "points": points,
     }
@@ -171,7 +174,7 @@ def budget_curve_run(run_dir, fractions: Optional[Sequence[float]] = None, budge
 
 
 def plot_curve(curve: dict, path: Path) -> None:
-    from .report import MaxNLocator, _plt, _save
+    from ..train.report import MaxNLocator, _plt, _save
 
     plt = _plt()
     pts = sorted(curve["points"], key=lambda p: p["budget"])

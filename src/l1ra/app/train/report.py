@@ -6,16 +6,17 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..atomic import atomic_write
-from ..history import layer_index, mean_rank_by_type, module_type
+from ...atomic import atomic_write
+from ...history import layer_index, mean_rank_by_type, module_type
+from ..errors import UserError
+from ..run_dir import HEATMAP, LOSS_CURVES, METRICS, RANK_BY_TYPE, RANK_HISTORY, SUMMARY
 
-METRICS, RANK_HISTORY, SUMMARY = "metrics.json", "rank_history.json", "summary.txt"
 TYPE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
               "query", "key", "value", "dense", "c_attn", "c_proj", "c_fc"]
 
 
-class ReportError(ValueError):
-    pass
+class ReportError(UserError, ValueError):
+    """A run folder whose metrics or rank history cannot be read."""
 
 
 def _load(path: Path) -> Optional[dict]:
@@ -210,12 +211,12 @@ def write_report(run_dir) -> str:
     metrics = metrics or {}
     r0 = (metrics.get("options") or {}).get("r")
     if history and history.get("events"):
-        plot_heatmap(history["events"][-1]["ranks"], r0, run_dir / "rank_heatmap.png")
-        plot_rank_by_type(history, run_dir / "rank_by_module_type.png")
+        plot_heatmap(history["events"][-1]["ranks"], r0, run_dir / HEATMAP)
+        plot_rank_by_type(history, run_dir / RANK_BY_TYPE)
     if metrics.get("curves"):
-        plot_losses(metrics, run_dir / "loss_curves.png")
+        plot_losses(metrics, run_dir / LOSS_CURVES)
     text = summary_text(metrics, history)
-    from ..atomic import atomic_write_text
+    from ...atomic import atomic_write_text
 
     atomic_write_text(run_dir / SUMMARY, text + "\n")
     return text

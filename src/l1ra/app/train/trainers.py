@@ -24,7 +24,7 @@ from transformers import DataCollatorWithPadding, Trainer
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -262,3 +262,46 @@ class ClassifierTrainer(_HeldOut, Trainer):
         loss = F.cross_entropy(logits, labels, reduction="none")
         correct = (logits.argmax(-1) == labels).float()
         return torch.stack([loss, torch.ones_like(loss), correct], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The Trainer of a run
+
+
+def build_trainer(task: str, model, tokenizer, train_rows: list[dict], held_rows: list[dict], args_kwargs: dict,
+                  optimizer, callbacks, max_length: int, padding_free: Optional[bool] = None,
+                  sparse_head: Optional[bool] = None):
+    """The Trainer of a run: `LMTrainer` (TRL's SFTTrainer: completion-only loss, sparse LM head, padding-free
+    batches where the model supports them) or `ClassifierTrainer`; both evaluate the held-out rows."""
+    import datasets
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    train_ds, held_ds = datasets.Dataset.from_list(train_rows), datasets.Dataset.from_list(held_rows)
+    if task == "classification":
+        trainer = ClassifierTrainer(model=model, args=TrainingArguments(**args_kwargs), train_dataset=train_ds,
+                                    eval_dataset=held_ds, data_collator=classifier_collator(tokenizer),
+                                    optimizers=(optimizer, None), callbacks=callbacks)
+    else:
+        from trl import SFTConfig
+
+        if padding_free is None:
+            padding_free = supports_padding_free(model)
+        # SFTConfig's own defaults (gradient checkpointing, bf16 on) are overridden: the run's plan decides
+        ckpt_field = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+                      else "gradient_checkpointing")  # renamed in transformers 5.x
+        cfg = SFTConfig(**args_kwargs, max_length=max_length, completion_only_loss=True, packing=False,
+                        padding_free=False, dataset_num_proc=None, shuffle_dataset=False, **{ckpt_field: False})
+        progress = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # TRL tokenises with Dataset.map; its bars would flood the log
+        try:
+            trainer = LMTrainer(model=model, args=cfg, train_dataset=train_ds, eval_dataset=held_ds,
+                                processing_class=tokenizer,
+                                data_collator=lm_collator(tokenizer.pad_token_id, padding_free),
+                                optimizers=(optimizer, None), callbacks=callbacks, sparse_head=sparse_head)
+        finally:
+            if progress:
+                datasets.enable_progress_bars()
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    return trainer

@@ -9,10 +9,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from ..errors import UserError
+from ..schedule import SCHEDULE_FLAGS, steps_or_fraction
+
 DEFAULT_OUTPUT_DIR = "runs/train"
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A user-facing failure of a run: one line, naming the problem and the fix."""
 
 
@@ -31,14 +34,14 @@ class TrainOptions:
     lr: float = field(default=2e-4, metadata={"help": "learning rate of the LoRA matrices, cosine schedule with 10%% warm-up (default: 2e-4; sentiment 1e-3)"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch (default: 8; sentiment 32)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (default: 1)"})
-    max_length: int = field(default=256, metadata={"help": "tokens per example, longer ones are truncated (default: 192; sentiment 64)"})
+    max_length: int = field(default=192, metadata={"help": "tokens per example, longer ones are truncated (default: 192; sentiment 64)"})
     r: int = field(default=8, metadata={"help": "initial LoRA rank of every adapter; the rank budget is r x the number of adapters (default: 8)"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; each adapter is scaled by alpha / r (default: 16)"})
     target_modules: Optional[str] = field(default=None, metadata={"help": "comma-separated module names to adapt, or 'all-linear' (default: all-linear; query,key,value,dense for the sentiment preset)"})
     l1ra_lambda: Optional[float] = field(default=None, metadata={"help": "L1 strength on the gates: each step every gate shrinks by (gate lr) x lambda (default: 0.5)"})
     eta_c: Optional[float] = field(default=None, metadata={"help": "learning rate of the gates, on the same schedule (default: 0.1)"})
-    update_every: Optional[float] = field(default=None, metadata={"help": "reallocate ranks every this fraction of the steps (<1) or every this many steps (>=1) (default: 0.1)"})
-    l1_start: Optional[float] = field(default=None, metadata={"help": "start the L1 penalty after this fraction of the steps (<1) or this many steps (>=1) (default: 0, from the first step)"})
+    update_every: Optional[float] = field(default=None, metadata={"help": "reallocate ranks every this fraction of the steps (0 < f < 1) or every this whole number of steps (default: 0.1)"})
+    l1_start: Optional[float] = field(default=None, metadata={"help": "start the L1 penalty after this fraction of the steps (0 <= f < 1) or this whole number of steps (default: 0, from the first step)"})
     seed: int = field(default=0, metadata={"help": "seed of the adapter init, data order and a user dataset's held-out split (default: 0; GSM8K's split is fixed)"})
     load_in_4bit: bool = field(default=False, metadata={"help": "load the base model in 4-bit NF4 (QLoRA; needs bitsandbytes: pip install 'l1ra[quant]'); the adapter and l1ra merge stay full precision"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "mixed precision (default: on for the shipped LLM on CUDA -- bf16, else fp16 -- and on CPUs with native bf16; off otherwise)"})
@@ -61,13 +64,11 @@ class TrainOptions:
 # ------------------------------------------------------------------------------------------------------------
 # Presets
 
-# The default run (SmolLM2-135M-Instruct on GSM8K): 25.5 min on 2 shared AVX2 cores in fp32 (README). Per step
-# the L1 shrinks every gate by gate_lr * lambda (0.05 at peak), so a gate the loss does not hold up reaches 0 after
-# about 25 steps, while Adam (steps of up to eta_c = 0.1) keeps the useful ones. Measured with these defaults: 127 of
-# 1,680 ranks moved (141 with the previous recipe), held-out loss 1.412 -> 1.142. With lambda 1 and eta_c 5e-2 no rank moved in a
-# 30-step run, nor with the authors' 1e-3 / 2e-2 in 100 steps (see GUIDE.md).
-LLM_DEFAULTS = dict(max_steps=80, batch_size=8, max_length=192, lr=2e-4, r=8, lora_alpha=16, l1ra_lambda=0.5,
-                    eta_c=0.1)
+# The default run (SmolLM2-135M-Instruct on GSM8K). Per step the L1 shrinks every gate by gate_lr * lambda (0.05 at
+# peak), so a gate the loss does not hold up reaches 0 after about 25 steps, while Adam (steps of up to eta_c = 0.1)
+# keeps the useful ones. With lambda 1 and eta_c 5e-2 no rank moved in a 30-step run, nor with the authors'
+# 1e-3 / 2e-2 in 100 steps.
+LLM_DEFAULTS = dict(max_steps=80, batch_size=8, lr=2e-4, r=8, lora_alpha=16, l1ra_lambda=0.5, eta_c=0.1)
 SENTIMENT_DEFAULTS = dict(max_steps=300, batch_size=32, max_length=64, lr=1e-3, r=8, lora_alpha=16,
                           target_modules="query,key,value,dense", max_eval=872, l1ra_lambda=0.5, eta_c=0.1)
 
@@ -125,6 +126,8 @@ def _validate(opts: TrainOptions) -> None:
         raise RunError(f"--eval-fraction {opts.eval_fraction}: must be in (0, 1)")
     if opts.max_length < 8:
         raise RunError(f"--max-length {opts.max_length}: too short, use at least 8 tokens")
+    for flag in SCHEDULE_FLAGS:  # one rule with `l1ra compare` (schedule.py)
+        steps_or_fraction(flag, getattr(opts, flag[2:].replace("-", "_")))
     report_to_list(opts.report_to)
 
 
@@ -153,7 +156,7 @@ def report_to_list(value) -> list[str]:
     if bad:
         raise RunError(f"--report-to {value}: unknown integration {', '.join(bad)}; use none, all or a comma list of "
                        f"{', '.join(sorted(REPORT_TO))}")
-    from .extras import installed
+    from ..extras import installed
 
     for name in names:
         modules = REPORT_TO[name]

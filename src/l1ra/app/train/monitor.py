@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
-from ..atomic import atomic_write_json
-from .report import METRICS, RANK_HISTORY
+from ...atomic import atomic_write_json
+from ..run_dir import METRICS, RANK_HISTORY
 from .trainers import from_trainer_metrics, ppl
 
 

@@ -1,4 +1,6 @@
-"""`l1ra export`: write a trained adapter in the form an engine needs (PEFT, any LoRA engine, llama.cpp)."""
+"""The command lines of `l1ra export` (write a trained adapter in the form an engine needs: PEFT, any LoRA engine,
+llama.cpp; or its held-out budget curve) and `l1ra merge` / `l1ra generate` (use it with its base model). Light:
+torch and the library load only when a command runs."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def _fractions(value: str) -> list[float]:
     return [_fraction(v.strip()) for v in value.split(",") if v.strip()] or [_fraction(value)]  # "" -> its error
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export", help="write the adapter for another engine (uniform rank, llama.cpp GGUF) or a smaller budget",
         description="Write the adapter of SRC in the form an engine needs. Same function in every format; "
@@ -68,7 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_export(args) -> int:
-    from ..export import ExportError, export_adapter, read_adapter, resolve_source
+    from ...export import ExportError, export_adapter, read_adapter
+    from ..run_dir import find_adapter
 
     if args.curve:
         return curve(args)
@@ -81,26 +84,28 @@ def cmd_export(args) -> int:
         raise ExportError("--rank is for --format uniform or gguf; drop it or add --format uniform")
     if args.base is not None and args.format != "gguf":
         raise ExportError("--base is for --format gguf; drop it")
+    adapter = find_adapter(args.src).adapter
     kwargs = dict(rank=args.rank, budget=args.budget, fraction=args.fraction, overwrite=args.overwrite)
     if args.format == "gguf":
         from .gguf_export import export_gguf
 
-        path = export_gguf(args.src, args.out, base=args.base, **kwargs)
+        path = export_gguf(adapter, args.out, base=args.base, **kwargs)
         ranks = None
     else:
-        path = export_adapter(args.src, args.out, format=args.format, **kwargs)
+        path = export_adapter(adapter, args.out, format=args.format, **kwargs)
         ranks = read_adapter(path).ranks
-    before = read_adapter(resolve_source(args.src)[0]).ranks
+    before = read_adapter(adapter).ranks
     summary = f"{len(before)} modules, total rank {sum(before.values())}"
     if ranks is not None:
         summary += f" -> {sum(ranks.values())} (ranks {min(ranks.values())}..{max(ranks.values())})"
-    print(f"{args.format} adapter written to {path} ({summary})")
+    print(f"{args.format} adapter written to {path} (from {adapter}: {summary})")
     return 0
 
 
 def curve(args) -> int:
-    from ..export import ExportError
-    from .budget_curve import CURVE_JSON, CURVE_PNG, budget_curve_run, format_table, run_folder
+    from ...export import ExportError
+    from .budget_curve import budget_curve_run, format_table, run_folder
+    from ..run_dir import CURVE_JSON, CURVE_PNG
 
     if args.out is not None or args.format != "peft" or args.rank is not None or args.base is not None:
         raise ExportError("--curve writes no adapter; drop --out/--format/--rank/--base")
@@ -123,9 +128,10 @@ def curve(args) -> int:
 
 
 def print_curve(src, fractions=None) -> int:
-    from ..export import budget_curve, read_adapter, resolve_source
+    from ...export import budget_curve, read_adapter
+    from ..run_dir import find_adapter
 
-    adapter = read_adapter(resolve_source(src)[0])
+    adapter = read_adapter(find_adapter(src).adapter)
     n, total = len(adapter.modules), sum(adapter.ranks.values())
     if fractions:
         budgets = sorted({max(n, round(f * total)) for f in fractions})
@@ -135,4 +141,42 @@ def print_curve(src, fractions=None) -> int:
     print("budget  kept share of the update  largest module rank")
     for row in budget_curve(adapter, budgets):
         print(f"{row['budget']:>6}  {100 * row['kept']:>23.2f}%  {row['max_rank']:>19}")
+    return 0
+
+
+def add_merge_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("merge",
+                              help="write the base model with the adapter merged in (a plain transformers model)")
+    p.add_argument("run_dir", metavar="DIR", help="an `l1ra train` output directory, a checkpoint or an adapter folder")
+    p.add_argument("--out", required=True, metavar="MERGED", help="folder for the merged model")
+    p.add_argument("--model", help="base model (default: the one the run trained)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=cmd_merge)
+    return p
+
+
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="answer a prompt with the tuned model")
+    p.add_argument("run_dir", metavar="DIR", help="an `l1ra train` output directory, a checkpoint or an adapter folder")
+    p.add_argument("prompt", help="the prompt (the model's chat template is applied when it has one)")
+    p.add_argument("--model", help="base model (default: the one the run trained)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens are generated")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=cmd_generate)
+    return p
+
+
+def cmd_merge(args) -> int:
+    from .serve import merge
+
+    path = merge(args.run_dir, args.out, model=args.model, overwrite=args.overwrite)
+    print(f"merged model written to {path}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .serve import generate
+
+    print(generate(args.run_dir, args.prompt, model=args.model, max_new_tokens=args.max_new_tokens))
     return 0
