@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import default_mode
 from .config import L1RAConfig
 from .history import RankHistory
+from .revive import grace_from_json, grace_to_json
 from .slots import full, is_dtensor
 from .state import live_lora_config, sync_lora_config
 
@@ -89,7 +90,7 @@ def state_json(peft_model) -> dict:
         "ranks": st.ranks(),
         "capacity": st.capacities(),
         "pending": [[name, kind, slots] for (name, kind), slots in sorted(st.pending.items())],
-        "grace": [[name, slot, until] for name, record in sorted(st.grace.items()) for slot, until in sorted(record.items())],
+        "grace": grace_to_json(st.grace),
         "config": config_to_dict(st.config),
         "history": st.history.to_json(),
     }
@@ -127,7 +128,9 @@ def save_l1ra(peft_model, save_directory, *, super_save, is_main_process: Option
     tensors = state_tensors(peft_model, kwargs.get("state_dict"))
     kwargs["state_dict"] = folded_state_dict(peft_model, kwargs.get("state_dict"))
     if is_main_process is None:  # sharded (FSDP2) adapters: every process gathers above, process 0 writes
-        is_main_process = not any(is_dtensor(g) for g in st.gates().values()) or _process_index() == 0
+        from .sharded import process_index
+
+        is_main_process = not any(is_dtensor(g) for g in st.gates().values()) or process_index() == 0
     if not is_main_process:
         return
     target = Path(save_directory)
@@ -158,12 +161,6 @@ def save_l1ra(peft_model, save_directory, *, super_save, is_main_process: Option
             os.replace(path, final_dir / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _process_index() -> int:
-    from .sharded import process_index
-
-    return process_index()
 
 
 def _sha256(path: Path) -> str:
@@ -380,9 +377,7 @@ def _restore_meta(st, meta: dict, raw: dict, slots: dict, caps: dict) -> None:
     st.history = RankHistory.from_json(meta.get("history", []))
     pending = meta.get("pending", [])
     st.pending = {(name, kind): list(map(int, s)) for name, kind, s in pending} if isinstance(pending, list) else {}
-    st.grace = {}
-    for name, slot, until in meta.get("grace", []):
-        st.grace.setdefault(name, {})[int(slot)] = int(until)
+    st.grace = grace_from_json(meta.get("grace", []))
     parts = []
     for name, _ in st.layers:
         part = raw.get(f"{name}.sensitivity")

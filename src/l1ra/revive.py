@@ -187,6 +187,17 @@ def end_grace(st, name: str, slots) -> None:
             del st.grace[name]
 
 
+def grace_to_json(grace: dict) -> list:
+    return [[name, slot, until] for name, record in sorted(grace.items()) for slot, until in sorted(record.items())]
+
+
+def grace_from_json(items: list) -> dict[str, dict[int, int]]:
+    grace: dict[str, dict[int, int]] = {}
+    for name, slot, until in items:
+        grace.setdefault(name, {})[int(slot)] = int(until)
+    return grace
+
+
 def held_gates(st, step: int) -> list[tuple[torch.Tensor, list[int], torch.Tensor]]:
     """(gate, slots, their values now) for the slots still in grace at optimizer step `step`; forgets ended ones."""
     gates = st.gates()
