@@ -26,29 +26,29 @@ def _config(**kw):
 def test_the_factors_are_transformers_cosine_schedule():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=3, num_training_steps=30)
-    assert lr_factors_from(sched, 30) == pytest.approx(warmup_cosine_factors(30, 0.1))
+    assert lr_factors_from(sched, 30) == pytest.approx(warmup_cosine_factors(30, 3))
     assert lr_factors_from(object(), 30) is None
 
 
 def test_issue_24s_30_step_run_cannot_prune_by_l1_and_says_what_to_set():
     """`l1ra train --max-steps 30` (lambda 0.5, eta_c 0.1, warm-up + cosine): a gate moves by 0.75 at most."""
-    cfg, factors = _config(), warmup_cosine_factors(30)
+    cfg, factors = _config(), warmup_cosine_factors(30, 3)
     assert l1_reach(cfg, 30, factors) == pytest.approx(0.75, abs=1e-9)
     message = unreachable_message(cfg, 30, factors)
     assert "at most 0.75" in message and "raise l1ra_lambda to 0.667 or more" in message
     flags = unreachable_message(cfg, 30, factors, describe=lambda name: "--" + name.replace("_", "-"))
     assert "--l1ra-lambda 0.5" in flags
-    assert unreachable_message(cfg, 80, warmup_cosine_factors(80)) is None  # reach 2.0
+    assert unreachable_message(cfg, 80, warmup_cosine_factors(80, 8)) is None  # reach 2.0
     assert unreachable_message(_config(reassign=False), 30, factors) is None  # prune-only runs move nothing anyway
 
 
 def test_lambda_for_run_gives_the_reach_it_was_asked_for():
     for steps, start in ((30, 0), (500, 125), (3000, 0)):
-        factors = warmup_cosine_factors(steps)
+        factors = warmup_cosine_factors(steps, round(0.1 * steps))
         lam = lambda_for_run(steps, eta_c=0.1, l1_start_step=start, lr_factors=factors)
         assert l1_reach(_config(l1ra_lambda=lam, l1_start=start), steps, factors) == pytest.approx(DEFAULT_REACH)
     # the sentiment-tuned setting (lambda 0.1, eta_c 0.1, L1 from 25% of 500 steps) is the default reach
-    assert lambda_for_run(500, eta_c=0.1, l1_start_step=125, lr_factors=warmup_cosine_factors(500)) == pytest.approx(
+    assert lambda_for_run(500, eta_c=0.1, l1_start_step=125, lr_factors=warmup_cosine_factors(500, 50)) == pytest.approx(
         0.1, rel=0.02)
     with pytest.raises(ValueError, match="L1 phase is empty"):
         lambda_for_run(10, eta_c=0.1, l1_start_step=10)

@@ -37,8 +37,26 @@ def test_anything_else_is_an_error_naming_the_flag_and_the_fix(flag, value):
 
 
 def test_train_gives_the_library_a_step_count_or_a_fraction():
-    config = l1ra_config(TrainOptions(update_every=3.0, l1_start=0.25, target_modules="q_proj"), "causal-lm")
+    config = l1ra_config(TrainOptions(update_every=3.0, l1_start=0.25, target_modules="q_proj"), "causal-lm", 80)
     assert (config.update_every, config.l1_start) == (3, 0.25) and isinstance(config.update_every, int)
+
+
+def test_train_takes_lambda_from_the_run_length_unless_given():
+    """Issue 24 item 4: the same L1 reach (1.5) whatever the run's length; a given --l1ra-lambda is kept, and a
+    schedule that cannot prune says so in flag terms."""
+    from l1ra.app.train.recipe import reach_line
+    from l1ra.reach import l1_reach, warmup_cosine_factors
+
+    for steps, expected in ((30, 1.0), (80, 0.375), (3000, 0.01)):
+        config = l1ra_config(TrainOptions(eta_c=0.1, target_modules="q_proj"), "causal-lm", steps)
+        assert config.l1ra_lambda == pytest.approx(expected, rel=0.01)
+        reach = l1_reach(config, steps, warmup_cosine_factors(steps, max(1, round(0.1 * steps))))
+        assert reach == pytest.approx(1.5)
+        assert reach_line(config, steps, chosen=True).startswith(f"l1ra: L1 reach 1.50 over {steps} steps")
+    given = l1ra_config(TrainOptions(eta_c=0.1, l1ra_lambda=0.5, target_modules="q_proj"), "causal-lm", 30)
+    assert given.l1ra_lambda == 0.5
+    line = reach_line(given, 30, chosen=False)
+    assert "L1 reach 0.75" in line and "raise --l1ra-lambda to 0.667 or more" in line
 
 
 ARGV = {

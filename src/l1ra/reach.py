@@ -30,12 +30,12 @@ def lr_factors_from(scheduler, total_steps: int) -> Optional[list[float]]:
     return [float(lambdas[0](t)) for t in range(total_steps)]  # step t (1-based) uses the factor of scheduler step t-1
 
 
-def warmup_cosine_factors(total_steps: int, warmup_ratio: float = 0.1) -> list[float]:
-    """The factors of a linear warm-up over `ceil(warmup_ratio * total_steps)` steps then a cosine decay to 0, as
-    transformers' `get_cosine_schedule_with_warmup` computes them (for use before a scheduler exists)."""
+def warmup_cosine_factors(total_steps: int, warmup_steps: int) -> list[float]:
+    """The factors of a linear warm-up over `warmup_steps` then a cosine decay to 0, as transformers'
+    `get_cosine_schedule_with_warmup` computes them (for use before a scheduler exists)."""
     import math
 
-    warmup = math.ceil(warmup_ratio * total_steps)
+    warmup = warmup_steps
 
     def f(t: int) -> float:
         if t < warmup:

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -42,12 +43,20 @@ class Steps:
                    opts.save_steps or max(1, math.ceil(max_steps / 4)))
 
 
-def l1ra_config(opts: TrainOptions, task: str):
-    """The run's `L1RAConfig`; a value the library refuses is reported under its flag."""
+def warmup_steps(max_steps: int) -> int:
+    """The recipe's linear warm-up (then cosine decay to 0): 10% of the run."""
+    return max(1, round(0.1 * max_steps))
+
+
+def l1ra_config(opts: TrainOptions, task: str, max_steps: int):
+    """The run's `L1RAConfig`; a value the library refuses is reported under its flag. Without --l1ra-lambda, lambda
+    follows the run's length: the L1 reach `l1ra.reach.DEFAULT_REACH` over this run's schedule."""
     import l1ra
+    from l1ra.reach import lambda_for_run, warmup_cosine_factors
 
     kwargs = dict(r=opts.r, lora_alpha=opts.lora_alpha, target_modules=_targets(opts.target_modules), lora_dropout=0.0,
-                  task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM", seed=opts.seed)
+                  task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM", seed=opts.seed,
+                  total_steps=max_steps)
     for key in ("l1ra_lambda", "eta_c"):
         if getattr(opts, key) is not None:
             kwargs[key] = getattr(opts, key)
@@ -56,9 +65,27 @@ def l1ra_config(opts: TrainOptions, task: str):
         if value is not None:
             kwargs[key] = value
     try:
-        return l1ra.L1RAConfig(**kwargs)
+        config = l1ra.L1RAConfig(**kwargs)
+        if opts.l1ra_lambda is None:
+            config.l1ra_lambda = lambda_for_run(
+                max_steps, eta_c=config.eta_c, l1_start_step=config.l1_start_step(max_steps),
+                lr_factors=warmup_cosine_factors(max_steps, warmup_steps(max_steps)))
+        return config
     except ValueError as err:
         raise RunError(_flagify(str(err))) from None
+
+
+def reach_line(config, max_steps: int, chosen: bool) -> str:
+    """What the L1 can do over this run: its reach, and a warning in flag terms when it cannot prune any rank."""
+    from l1ra.reach import l1_reach, unreachable_message, warmup_cosine_factors
+
+    factors = warmup_cosine_factors(max_steps, warmup_steps(max_steps))
+    line = (f"l1ra: L1 reach {l1_reach(config, max_steps, factors):.2f} over {max_steps} steps (lambda "
+            f"{config.l1ra_lambda:.3g}{' from the run length' if chosen else ''}, eta_c {config.eta_c:g}): a gate "
+            "the loss does not hold up reaches 0 when the reach passes 1")
+    message = unreachable_message(config, max_steps, factors,
+                                  describe=lambda name: "--" + name.replace("_", "-"))
+    return line + ("\n" + message if message else "")
 
 
 def wrap_model(model, config, targets):
@@ -78,7 +105,7 @@ def training_arguments(opts: TrainOptions, out: Path, steps: Steps, task: str, p
         output_dir=str(out), max_steps=steps.max_steps, per_device_train_batch_size=opts.batch_size,
         per_device_eval_batch_size=max(opts.batch_size, 16) if task == "causal-lm" else 128,
         gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr, lr_scheduler_type="cosine",
-        warmup_steps=max(1, round(0.1 * steps.max_steps)), weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+        warmup_steps=warmup_steps(steps.max_steps), weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
         logging_nan_inf_filter=False, save_strategy="steps", save_steps=steps.save_steps, save_total_limit=1,
         eval_strategy="steps", eval_steps=steps.eval_steps, seed=opts.seed, data_seed=opts.seed,
         report_to=("all" if report_to == ["all"] else report_to) or "none", disable_tqdm=True,
@@ -160,11 +187,11 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
 
         keep_freed_memory()  # fewer page faults per step (docs/train_speed.md)
     model_path, tokenizer, train_rows, held_rows, data_info = load_examples(opts, task, log)
-    config = l1ra_config(opts, task)
+    steps = Steps.plan(opts, len(train_rows), procs.world)
+    config = l1ra_config(opts, task, steps.max_steps)
     model = load_model(model_path, task, load_in_4bit=opts.load_in_4bit, plan=plan)
     model = wrap_model(model, config, _targets(opts.target_modules))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    steps = Steps.plan(opts, len(train_rows), procs.world)
     progress = (RunCallback if procs.main else FollowerCallback)(None, steps.max_steps, start=checkpoint_step(resume))
     trainer = build_trainer(task, model, tokenizer, train_rows, held_rows,
                             training_arguments(opts, out, steps, task, plan), l1ra.create_optimizer(model, lr=opts.lr),
@@ -178,6 +205,8 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     if procs.main:
         atomic_write_json(out / RUN_CONFIG, run_config)
     log(start_line(opts, task, data_info, model, trainable, steps, procs.world))
+    log(reach_line(config, steps.max_steps, chosen=opts.l1ra_lambda is None))
+    warnings.filterwarnings("ignore", message="l1ra: over this run's")  # said above, in flag terms
     previous = read_json(out / METRICS) if resume else {}  # earlier curves when resuming
     recorder = (Recorder if procs.main else FollowerRecorder)(out, task, previous, run_config, model.l1ra_state.budget,
                                                               trainable)
