@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import default_mode
 from .config import L1RAConfig
+from .errors import CheckpointError
 from .history import RankHistory
 from .revive import grace_from_json, grace_to_json
 from .slots import full, is_dtensor
@@ -191,10 +192,6 @@ def _check_meta(meta: dict, state_path: Path, directory: Path) -> None:
                 f"{path}: checksum does not match the one recorded in {state_path.name}; the file is corrupted or "
                 "comes from another save"
             )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this model; the message names the file and the problem."""
 
 
 def _read_json(path: Path) -> dict:

@@ -240,7 +240,7 @@ def fit_state_to_capacity_(optimizer, l1ra_state) -> int:
     there too, dead slots zero, as a fresh optimizer holds them. State already in capacity shape, or of another layout,
     is left alone. Returns the number of state tensors placed; raises `CheckpointError` for live-rank state it cannot
     place (bitsandbytes' 8-bit blocks, sharded parameters), naming the way out."""
-    from .checkpoint import CheckpointError
+    from .errors import CheckpointError
     from .slots import is_dtensor
 
     if optimizer is None:
