@@ -191,3 +191,4 @@ def test_config_validates_the_new_options():
     with pytest.raises(ValueError, match="new_rank_grace=-1"):
         L1RAConfig(r=4, new_rank_grace=-1)
     assert L1RAConfig(r=4, new_rank_grace=0.1).grace_steps(150) == 15
+    assert L1RAConfig(r=4, new_rank_grace=0.0).grace_steps(150) == 0

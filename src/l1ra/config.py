@@ -166,7 +166,7 @@ class L1RAConfig(LoraConfig):
         default=0,
         metadata={
             "help": "Optimizer steps a new rank is exempt from the L1 (proximal) step, so it is judged only after it "
-            "had a chance to learn: an int is a number of steps, a float in (0, 1) a fraction of the total steps. "
+            "had a chance to learn: an int is a number of steps, a float in [0, 1) a fraction of the total steps. "
             "0: no grace (the paper's)."
         },
     )
@@ -235,20 +235,7 @@ class L1RAConfig(LoraConfig):
             fail("budget_unit", self.budget_unit, "use 'rank' (the paper's budget) or 'params' (LoRA parameters).")
         if self.receiver_signal not in ("min_gate", "sensitivity"):
             fail("receiver_signal", self.receiver_signal, "use 'min_gate' (the paper's order) or 'sensitivity'.")
-        if self.new_rank_init not in ("random", "gradient"):
-            fail("new_rank_init", self.new_rank_init, "use 'random' (the paper's) or 'gradient'.")
-        if is_int(self.new_rank_grace):
-            if self.new_rank_grace < 0:
-                fail("new_rank_grace", self.new_rank_grace, "an integer grace must be >= 0 optimizer steps.")
-        elif is_real(self.new_rank_grace):
-            if not (0 < self.new_rank_grace < 1):
-                fail(
-                    "new_rank_grace",
-                    self.new_rank_grace,
-                    "a float is a fraction of the total steps and must be in (0, 1); use an int for a step count.",
-                )
-        else:
-            fail("new_rank_grace", self.new_rank_grace, "use an int >= 0 or a float in (0, 1).")
+        self._validate_new_ranks()
         if self.use_dora:
             fail("use_dora", self.use_dora, "L1RA gates LoRA's rank; DoRA's magnitude term is not gated. Set use_dora=False.")
         if getattr(self, "target_parameters", None):
@@ -257,6 +244,21 @@ class L1RAConfig(LoraConfig):
                 self.target_parameters,
                 "L1RA adapts linear layers only; use target_modules instead.",
             )
+
+    def _validate_new_ranks(self) -> None:
+        def fail(name, value, fix):
+            raise ValueError(f"L1RAConfig.{name}={value!r} is invalid: {fix}")
+
+        if self.new_rank_init not in ("random", "gradient"):
+            fail("new_rank_init", self.new_rank_init, "use 'random' (the paper's) or 'gradient'.")
+        grace = self.new_rank_grace
+        if isinstance(grace, bool) or not isinstance(grace, numbers.Real):
+            fail("new_rank_grace", grace, "use an int >= 0 or a float in [0, 1).")
+        if isinstance(grace, numbers.Integral) and grace < 0:
+            fail("new_rank_grace", grace, "an integer grace must be >= 0 optimizer steps.")
+        if not isinstance(grace, numbers.Integral) and not (0 <= grace < 1):
+            fail("new_rank_grace", grace,
+                 "a float is a fraction of the total steps and must be in [0, 1); use an int for a step count.")
 
     def to_lora_config(self) -> LoraConfig:
         """The plain PEFT `LoraConfig` (LoRA fields only) that PEFT itself builds and saves."""
@@ -286,6 +288,8 @@ class L1RAConfig(LoraConfig):
 
     def grace_steps(self, total_steps: Optional[int]) -> int:
         """Optimizer steps a new rank is exempt from the L1 step."""
+        if not self.new_rank_grace:
+            return 0
         if isinstance(self.new_rank_grace, numbers.Integral):
             return int(self.new_rank_grace)
         if total_steps is None:
