@@ -38,15 +38,15 @@ class DevicePlan:
 
 
 def plan_device(*, cuda: bool, mps: bool, cuda_bf16: bool, bf16: Optional[bool] = None,
-                cpu_bf16_default: bool = False, cpu_bf16_native: bool = True) -> DevicePlan:
+                cpu_bf16_default: bool = True, cpu_bf16_native: bool = True) -> DevicePlan:
     """Pick the device and the mixed precision.
 
     - CUDA: half precision unless `bf16` is explicitly False; bf16 where the GPU supports it, else fp16 (the Trainer
       then scales the loss).
     - MPS: float32 unless bf16 is asked for explicitly.
-    - CPU: bf16 autocast when asked for (`bf16`); by default (`cpu_bf16_default`, on for the shipped LLM) only where
-      the CPU computes bf16 natively (AVX-512-BF16 or AMX, `cpu_bf16_native`): on an AVX2-only CPU bf16 autocast is
-      emulated and measured 4-6x slower than float32 (see docs/train_speed.md).
+    - CPU: bf16 autocast when asked for (`bf16`); by default (`cpu_bf16_default`, on for `l1ra train`, whatever the
+      model and data) only where the CPU computes bf16 natively (AVX-512-BF16 or AMX, `cpu_bf16_native`): on an
+      AVX2-only CPU bf16 autocast is emulated and measured 4-6x slower than float32 (see docs/train_speed.md).
     `bf16=None` means "not given by the user".
     """
     if cuda:
@@ -58,13 +58,26 @@ def plan_device(*, cuda: bool, mps: bool, cuda_bf16: bool, bf16: Optional[bool] 
     return DevicePlan("cpu", bf16=(cpu_bf16_default and cpu_bf16_native) if bf16 is None else bool(bf16))
 
 
-def current_plan(bf16: Optional[bool] = None, cpu_bf16_default: bool = False) -> DevicePlan:
+def current_plan(bf16: Optional[bool] = None, cpu_bf16_default: bool = True) -> DevicePlan:
     import torch
 
     cuda = torch.cuda.is_available()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return plan_device(cuda=cuda, mps=mps, cuda_bf16=cuda and cuda_bf16_native(), bf16=bf16,
                        cpu_bf16_default=cpu_bf16_default, cpu_bf16_native=cpu_bf16_native())
+
+
+def packs_batches(device: str, attn_implementation: Optional[str]) -> bool:
+    """Whether a causal-LM run trains and evaluates on padding-free (packed) batches: one row of concatenated examples
+    whose attention stays within each example.
+
+    Only where the attention kernel is varlen (flash-attention on CUDA: `flash_attention_2`, `flash_attention_3` or a
+    kernels-hub flash kernel), which attends within each example at the cost of its own length. Every other kernel
+    (SDPA, eager; on a CPU, MPS, or CUDA without flash-attention) gets the packed row as one sequence with a
+    block-diagonal mask and pays for attention over the whole row: there a packed step measured slower than a padded
+    one (benchmarks/train_speed.py, docs/train_speed.md), so batches are padded.
+    """
+    return device == "cuda" and "flash" in (attn_implementation or "")
 
 
 def cuda_bf16_native() -> bool:

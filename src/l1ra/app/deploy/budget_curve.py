@@ -36,7 +36,7 @@ def _plan(config: dict):
     would choose here for these options."""
     from ..devices import DevicePlan, current_plan
 
-    here = current_plan(bf16=None, cpu_bf16_default=bool((config.get("options") or {}).get("bf16")))
+    here = current_plan()
     recorded = str((config.get("data") or {}).get("device", ""))
     device, _, precision = recorded.partition(", ")
     if device == here.device and precision in ("fp32", "bf16", "fp16"):

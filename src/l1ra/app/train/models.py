@@ -38,16 +38,19 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_model(path: str, task: str, load_in_4bit: bool = False, plan=None):
+def load_model(path: str, task: str, load_in_4bit: bool = False, plan=None, attn_implementation: Optional[str] = None):
     """The base model in the plan's precision (`DevicePlan.model_dtype`: bf16 or fp16 on CUDA, float32 elsewhere; the
     adapters and gates added later stay float32 and the Trainer's autocast runs the mixed precision), or with
     `load_in_4bit` its linear layers in 4-bit NF4 on the plan's device (QLoRA: bitsandbytes quantizes while loading,
-    so the model is placed here; the Trainer leaves a quantized model where it is)."""
+    so the model is placed here; the Trainer leaves a quantized model where it is). `attn_implementation`: the
+    attention kernel (`devices.attention_for`), transformers' choice when None."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     kwargs = {"num_labels": 2} if task == "classification" else {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
         device = quantized_device(plan)
         if device == "cpu":

@@ -44,7 +44,7 @@ class TrainOptions:
     l1_start: Optional[float] = field(default=None, metadata={"help": "start the L1 penalty after this fraction of the steps (0 <= f < 1) or this whole number of steps (default: 0, from the first step)"})
     seed: int = field(default=0, metadata={"help": "seed of the adapter init, data order and a user dataset's held-out split (default: 0; GSM8K's split is fixed)"})
     load_in_4bit: bool = field(default=False, metadata={"help": "load the base model in 4-bit NF4 (QLoRA; needs bitsandbytes: pip install 'l1ra[quant]'); the adapter and l1ra merge stay full precision"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "mixed precision (default: on for the shipped LLM on CUDA -- bf16, else fp16 -- and on CPUs with native bf16; off otherwise)"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "mixed precision (default: the device's: on CUDA bf16, or fp16 where the GPU lacks bf16; on a CPU bf16 where it computes bf16 natively, AVX-512-BF16 or AMX; fp32 otherwise)"})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "evaluate on the held-out set every N steps (default: at half time and at the end)"})
     save_steps: Optional[int] = field(default=None, metadata={"help": "write a resumable checkpoint every N steps (default: every quarter of the run)"})
     eval_fraction: float = field(default=0.1, metadata={"help": "fraction of a user dataset held out for evaluation (at most --max-eval examples)"})
@@ -88,8 +88,6 @@ def resolve_preset(opts: TrainOptions, explicit: set[str]) -> TrainOptions:
     if preset == "gsm8k" and opts.dataset is None and "dataset" not in explicit:
         values["dataset"] = None
     values["preset"] = preset
-    if values["bf16"] is None:
-        values["bf16"] = preset == "gsm8k" and opts.model is None
     return TrainOptions(**values)
 
 

@@ -163,6 +163,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     import l1ra
 
     from ..devices import current_plan
+    from .base_score import base_score_key
     from .monitor import Recorder, RunCallback
     from .processes import FollowerCallback, FollowerRecorder, Processes
     from .trainers import build_trainer
@@ -170,7 +171,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     explicit = set(explicit or ())
     opts = resolve_preset(opts, explicit)
     _validate(opts)
-    plan = current_plan(bf16=opts.bf16 if "bf16" in explicit else None, cpu_bf16_default=bool(opts.bf16))
+    plan = current_plan(bf16=opts.bf16)  # None: the device's own precision, for every model and data
     procs = Processes(plan.device)  # under torchrun: process 0 writes and prints, every process trains
     log = procs.log(log or (lambda msg: print(msg, file=sys.stderr, flush=True)))
     out = Path(opts.output_dir)
@@ -212,7 +213,8 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
                                                               trainable)
     progress.recorder = recorder
     recorder.truncate(progress.start)
-    score_base(trainer, model, recorder, previous.get("base"), log)
+    key = base_score_key(task, model_path, trainer.eval_dataset, data_info["device"])
+    record_base(trainer, model, recorder, previous.get("base"), key, procs, log)
     train_seconds = train(trainer, model, recorder, progress, out, resume)
     finish(trainer, model, recorder, progress, steps, log)
     if procs.main:
@@ -222,7 +224,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     recorder.metrics.update(status="finished", wall_seconds=round(time.time() - t_start, 1),
                             train_seconds=round(train_seconds, 1), train_tokens=tokens,
                             tokens_per_second=round(tokens / train_seconds, 1) if train_seconds > 0 else None,
-                            steps=trainer.state.global_step, ranks_moved=hist.total_moved)
+                            steps=trainer.state.global_step, ranks_moved=hist.total_moved, **trainer.eval_figures())
     recorder.flush(model)
     summary = None
     if procs.main:
@@ -233,14 +235,14 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     return {"metrics": recorder.metrics, "summary": summary}
 
 
-def score_base(trainer, model, recorder, base: Optional[dict], log) -> None:
-    """The base model's held-out metrics (kept from the first attempt when resuming)."""
-    from .trainers import from_trainer_metrics
+def record_base(trainer, model, recorder, base: Optional[dict], key: str, procs, log) -> None:
+    """The base model's held-out metrics: kept from the first attempt when resuming, else from the cache of base
+    scores (base_score.py), else evaluated."""
+    from .base_score import score_base
 
     if not base:
-        log("l1ra: scoring the base model on the held-out set ...")
-        with model.disable_adapter():  # on the device and in the precision that train
-            base = from_trainer_metrics(trainer.evaluate())
+        base, cached = score_base(trainer, model, key, procs, log)
+        recorder.metrics["base_from_cache"] = cached
     recorder.metrics["base"] = base
     recorder.eval_curve = [p for p in recorder.eval_curve if p[0] != 0] + [[0, base["loss"]]]
     recorder.flush()

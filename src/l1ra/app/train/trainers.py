@@ -24,6 +24,7 @@ from transformers import DataCollatorWithPadding, Trainer
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from ..devices import packs_batches
 from .data import IGNORE_INDEX
 
 
@@ -168,7 +169,7 @@ class _HeldOut:
     task = "causal-lm"
 
     def _setup_heldout(self):
-        self.eval_seconds = 0.0
+        self.eval_seconds, self.eval_passes = 0.0, 0
         self._train_tokens = None
         self.compute_metrics = lambda pred: heldout_metrics(pred.predictions, self.task)
 
@@ -193,6 +194,13 @@ class _HeldOut:
             return super().evaluate(*args, **kwargs)
         finally:
             self.eval_seconds += time.perf_counter() - t0
+            self.eval_passes += 1
+
+    def eval_figures(self) -> dict:
+        """The held-out evaluations so far: passes, seconds and tokens (prompt and answer) per second."""
+        tokens = sum(len(ids) for ids in self.eval_dataset["input_ids"]) * self.eval_passes
+        return {"eval_passes": self.eval_passes, "eval_seconds": round(self.eval_seconds, 1),
+                "eval_tokens_per_second": round(tokens / self.eval_seconds, 1) if self.eval_seconds > 0 else None}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -285,13 +293,14 @@ def build_trainer(task: str, model, tokenizer, train_rows: list[dict], held_rows
     else:
         from trl import SFTConfig
 
-        if padding_free is None:
-            padding_free = supports_padding_free(model)
         # SFTConfig's own defaults (gradient checkpointing, bf16 on) are overridden: the run's plan decides
         ckpt_field = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
                       else "gradient_checkpointing")  # renamed in transformers 5.x
         cfg = SFTConfig(**args_kwargs, max_length=max_length, completion_only_loss=True, packing=False,
                         padding_free=False, dataset_num_proc=None, shuffle_dataset=False, **{ckpt_field: False})
+        if padding_free is None:  # where the attention kernel makes packing pay (devices.packs_batches)
+            padding_free = supports_padding_free(model) and packs_batches(
+                cfg.device.type, getattr(model.config, "_attn_implementation", None))
         progress = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # TRL tokenises with Dataset.map; its bars would flood the log
         try:
@@ -304,4 +313,13 @@ def build_trainer(task: str, model, tokenizer, train_rows: list[dict], held_rows
                 datasets.enable_progress_bars()
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    trainer.eval_dataset = longest_first(trainer.eval_dataset)
     return trainer
+
+
+def longest_first(dataset):
+    """The held-out rows sorted by length, longest first: padded evaluation batches then hold rows of about the same
+    length (little padding), and a batch too big for the device fails at once. The metrics are sums over examples, so
+    the order does not change them."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
