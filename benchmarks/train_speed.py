@@ -116,7 +116,8 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, n_eval: i
                                      args, layout)
         startup = time.perf_counter() - t_start
         times: list[float] = []
-        trainer.add_callback(step_clock(times))
+        cpu: list[float] = []
+        trainer.add_callback(step_clock(times, cpu))
         batches = list(trainer.get_train_dataloader())[:total]
         tokens = [count_tokens(b) for b in batches]
         useful = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
@@ -125,6 +126,7 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, n_eval: i
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     step_s = statistics.median(times[1:])
     return {"variant": variant, "device": plan.describe(), "params": n_params, "startup_s": startup, "step_s": step_s,
+            "cpu_s_per_step": statistics.median(cpu[1:]),
             "tokens_per_s": statistics.mean(tokens[1:]) / step_s, "useful_tokens_per_s": statistics.mean(useful[1:]) / step_s,
             "padding_share": 1 - sum(tokens) / sum(b["input_ids"].numel() for b in batches),
             "peak_rss_mb": peak, **ev}
@@ -167,15 +169,24 @@ def count_tokens(batch) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def step_clock(times: list):
+def step_clock(times: list, cpu: list):
+    """Wall and CPU seconds (user + system, all threads) of each optimizer step; on a shared machine the CPU time is
+    the steadier figure."""
+    import resource
+
     from transformers import TrainerCallback
+
+    def cpu_now() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), cpu_now()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
+            cpu.append(cpu_now() - self.c0)
 
     return Clock()
 
@@ -201,7 +212,7 @@ def eval_speed(trainer, model) -> dict:
             "forward_tokens_per_s": tokens / forward_s, "eval_vs_forward": forward_s / eval_s}
 
 
-SUMMED = ("startup_s", "step_s", "tokens_per_s", "useful_tokens_per_s", "padding_share", "peak_rss_mb", "eval_s",
+SUMMED = ("startup_s", "step_s", "cpu_s_per_step", "tokens_per_s", "useful_tokens_per_s", "padding_share", "peak_rss_mb", "eval_s",
           "eval_tokens_per_s", "forward_tokens_per_s", "eval_vs_forward")
 
 
@@ -228,18 +239,19 @@ def report(a, results: dict, kind: dict, peak_flops: float) -> dict:
     print(f"machine: {kind}; matmul peak {peak_flops / 1e9:.0f} GFLOP/s; model {params / 1e6:.0f}M parameters")
     print(f"batch {a.batch_size} x <= {a.max_length} tokens; {a.steps} timed steps x {a.rounds} rounds per variant; "
           f"evaluation of {a.eval_examples} held-out examples; medians")
-    print(f"{'variant':20s} {'start s':>7s} {'step s':>7s} {'tok/s':>7s} {'useful/s':>8s} {'pad %':>6s} {'MFU %':>6s} "
+    print(f"{'variant':20s} {'start s':>7s} {'step s':>7s} {'CPU s':>6s} {'tok/s':>7s} {'useful/s':>8s} {'pad %':>6s} {'MFU %':>6s} "
           f"{'eval s':>7s} {'eval/fwd':>8s} {'RSS MB':>7s}")
     for v, m in med.items():
         m["mfu"] = 6 * params * m["tokens_per_s"] / peak_flops
-        print(f"{v:20s} {m['startup_s']:7.1f} {m['step_s']:7.2f} {m['tokens_per_s']:7.0f} "
+        print(f"{v:20s} {m['startup_s']:7.1f} {m['step_s']:7.2f} {m['cpu_s_per_step']:6.1f} {m['tokens_per_s']:7.0f} "
               f"{m['useful_tokens_per_s']:8.0f} {100 * m['padding_share']:6.1f} {100 * m['mfu']:6.1f} "
               f"{m['eval_s']:7.1f} {m['eval_vs_forward']:8.2f} {m['peak_rss_mb']:7.0f}")
     base = next((v for v in med if v.startswith("naive")), None)
     if base:
         for v, m in med.items():
             if v != base:
-                print(f"{v} / {base}: step time {m['step_s'] / med[base]['step_s']:.3f}, tokens/s "
+                print(f"{v} / {base}: step time {m['step_s'] / med[base]['step_s']:.3f}, CPU time per step "
+                      f"{m['cpu_s_per_step'] / med[base]['cpu_s_per_step']:.3f}, tokens/s "
                       f"{m['tokens_per_s'] / med[base]['tokens_per_s']:.3f}, eval time "
                       f"{m['eval_s'] / med[base]['eval_s']:.3f}, peak RSS {m['peak_rss_mb'] / med[base]['peak_rss_mb']:.3f}")
     return med

@@ -26,6 +26,17 @@ def test_batches_are_packed_only_where_attention_has_a_varlen_kernel(device, att
     assert packs_batches(device, attn) is packs
 
 
+@pytest.mark.parametrize("device,flash,attn", [
+    ("cuda", True, "flash_attention_2"), ("cuda", False, None), ("cpu", True, None), ("cpu", False, None),
+    ("mps", True, None),
+])
+def test_flash_attention_is_chosen_on_cuda_where_installed_and_then_batches_are_packed(device, flash, attn):
+    from l1ra.app.devices import attention_for
+
+    assert attention_for(device, flash) == attn
+    assert packs_batches(device, attention_for(device, flash)) is (attn is not None)
+
+
 def _rows(n=9):
     tok = make_tokenizer()
     rows = [{"prompt": f"What is {i} plus {i * 7}?" + " Think." * (i % 4), "completion": f"It is {8 * i}."}
@@ -44,6 +55,26 @@ def test_a_cpu_run_pads_its_batches_and_evaluates_longest_first(tmp_path):
     assert "attention_mask" in batches[0]  # padded rows, not one packed row
     padded = sum(b["input_ids"].numel() for b in batches)
     assert padded < len(batches) * 4 * max(lengths)  # sorting keeps each batch near its own longest row
+
+
+def test_padded_batches_are_drawn_by_length_and_packed_ones_in_order(tmp_path):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from l1ra.app.train.recipe import layout_arguments
+
+    tok, sft = _rows(40)
+    assert layout_arguments(True) == {}
+    trainer = _lm_trainer(tmp_path, _tiny_llama(len(tok)), tok, sft, sft, 96, padding_free=False,
+                          per_device_train_batch_size=4, **layout_arguments(False))
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    batches = list(trainer.get_train_dataloader())
+    spread = [int(b["attention_mask"].sum(1).max() - b["attention_mask"].sum(1).min()) for b in batches]
+    plain = _lm_trainer(tmp_path / "plain", _tiny_llama(len(tok)), tok, sft, sft, 96, padding_free=False,
+                        per_device_train_batch_size=4)
+    plain_spread = [int(b["attention_mask"].sum(1).max() - b["attention_mask"].sum(1).min())
+                    for b in plain.get_train_dataloader()]
+    assert sum(spread) < sum(plain_spread)  # less padding per batch
+    assert sum(b["input_ids"].size(0) for b in batches) == len(trainer.train_dataset)  # each example once an epoch
 
 
 def test_the_heldout_score_does_not_depend_on_the_order_or_the_layout(tmp_path):
@@ -131,3 +162,21 @@ def test_an_unreadable_cache_entry_is_scored_again(tmp_path, monkeypatch):
     cache_file(key).write_text("{truncated")
     score, cached = score_base(trainer, model, key, _Procs(), lambda m: None)
     assert not cached and torch.isfinite(torch.tensor(score["loss"]))
+
+
+def test_the_summary_gives_evaluation_and_memory_figures():
+    from l1ra.app.train.report import summary_text
+
+    metrics = {"status": "finished", "base": {"loss": 1.5}, "tuned": {"loss": 1.2}, "wall_seconds": 600,
+               "tokens_per_second": 120.0, "eval_passes": 2, "eval_seconds": 95.0, "eval_tokens_per_second": 310.4,
+               "base_from_cache": True, "peak_rss_mb": 5300}
+    text = summary_text(metrics, None)
+    assert "held-out evaluation 2 x, 95 s, 310 tokens/s, base score from the cache" in text
+    assert "peak memory 5.2 GiB" in text
+
+
+def test_peak_memory_reads_this_process():
+    from l1ra.app.train.memory import peak_memory
+
+    figures = peak_memory("cpu")
+    assert set(figures) == {"peak_rss_mb"} and figures["peak_rss_mb"] > 50  # torch alone is more than 50 MiB

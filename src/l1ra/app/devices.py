@@ -67,6 +67,19 @@ def current_plan(bf16: Optional[bool] = None, cpu_bf16_default: bool = True) -> 
                        cpu_bf16_default=cpu_bf16_default, cpu_bf16_native=cpu_bf16_native())
 
 
+def attention_for(device: str, flash_attn_installed: bool) -> Optional[str]:
+    """The attention kernel a causal-LM run loads its model with: flash-attention 2 on CUDA where the `flash_attn`
+    package is installed (a varlen kernel: batches are then packed, see `packs_batches`), else transformers' own
+    choice (SDPA). On a CPU eager attention was not faster than SDPA in benchmarks/train_speed.py and held more memory."""
+    return "flash_attention_2" if device == "cuda" and flash_attn_installed else None
+
+
+def flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def packs_batches(device: str, attn_implementation: Optional[str]) -> bool:
     """Whether a causal-LM run trains and evaluates on padding-free (packed) batches: one row of concatenated examples
     whose attention stays within each example.

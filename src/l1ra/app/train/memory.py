@@ -27,3 +27,16 @@ def keep_freed_memory(trim: int = 1 << 30, top_pad: int = 256 << 20, mmap: int =
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in
                ((M_TRIM_THRESHOLD, trim), (M_TOP_PAD, top_pad), (M_MMAP_THRESHOLD, mmap)))
+
+
+def peak_memory(device: str) -> dict:
+    """This process's peak resident memory (MiB), and on CUDA the peak memory torch allocated on the GPU."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    figures = {"peak_rss_mb": round(rss / (1 << 20 if sys.platform == "darwin" else 1 << 10))}
+    if device == "cuda":
+        import torch
+
+        figures["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / (1 << 20))
+    return figures

@@ -113,6 +113,18 @@ def training_arguments(opts: TrainOptions, out: Path, steps: Steps, task: str, p
     )
 
 
+def layout_arguments(padding_free: bool) -> dict:
+    """Padded causal-LM batches are drawn from examples of similar length (the Trainer's length-grouped sampler: less
+    padding, measured faster per token in docs/train_speed.md); packed batches have no padding to save."""
+    from transformers import TrainingArguments
+
+    if padding_free:
+        return {}
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:  # transformers >= 5.x
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
 def load_examples(opts: TrainOptions, task: str, log) -> tuple[str, object, list, list, dict]:
     """`(model path, tokenizer, train rows, held-out rows, data info)` of the run."""
     if task == "classification":
@@ -162,11 +174,12 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
 
     import l1ra
 
-    from ..devices import current_plan
+    from ..devices import attention_for, current_plan, flash_attn_installed, packs_batches
     from .base_score import base_score_key
+    from .memory import peak_memory
     from .monitor import Recorder, RunCallback
     from .processes import FollowerCallback, FollowerRecorder, Processes
-    from .trainers import build_trainer
+    from .trainers import build_trainer, supports_padding_free
 
     explicit = set(explicit or ())
     opts = resolve_preset(opts, explicit)
@@ -190,13 +203,17 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     model_path, tokenizer, train_rows, held_rows, data_info = load_examples(opts, task, log)
     steps = Steps.plan(opts, len(train_rows), procs.world)
     config = l1ra_config(opts, task, steps.max_steps)
-    model = load_model(model_path, task, load_in_4bit=opts.load_in_4bit, plan=plan)
+    attn = attention_for(plan.device, flash_attn_installed()) if task == "causal-lm" else None
+    model = load_model(model_path, task, load_in_4bit=opts.load_in_4bit, plan=plan, attn_implementation=attn)
     model = wrap_model(model, config, _targets(opts.target_modules))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     progress = (RunCallback if procs.main else FollowerCallback)(None, steps.max_steps, start=checkpoint_step(resume))
-    trainer = build_trainer(task, model, tokenizer, train_rows, held_rows,
-                            training_arguments(opts, out, steps, task, plan), l1ra.create_optimizer(model, lr=opts.lr),
-                            [l1ra.L1RACallback(), progress], opts.max_length)
+    packed = task == "causal-lm" and supports_padding_free(model) and packs_batches(
+        plan.device, getattr(model.config, "_attn_implementation", None))
+    args = training_arguments(opts, out, steps, task, plan) | (layout_arguments(packed) if task == "causal-lm" else {})
+    trainer = build_trainer(task, model, tokenizer, train_rows, held_rows, args,
+                            l1ra.create_optimizer(model, lr=opts.lr), [l1ra.L1RACallback(), progress], opts.max_length,
+                            padding_free=packed)
     if task == "causal-lm":
         data_info.update(check_truncation(trainer, train_rows, held_rows, opts.max_length, log))
     data_info["device"] = plan.describe() + (", 4-bit NF4 base" if opts.load_in_4bit else "")
@@ -224,7 +241,8 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     recorder.metrics.update(status="finished", wall_seconds=round(time.time() - t_start, 1),
                             train_seconds=round(train_seconds, 1), train_tokens=tokens,
                             tokens_per_second=round(tokens / train_seconds, 1) if train_seconds > 0 else None,
-                            steps=trainer.state.global_step, ranks_moved=hist.total_moved, **trainer.eval_figures())
+                            steps=trainer.state.global_step, ranks_moved=hist.total_moved, **trainer.eval_figures(),
+                            **peak_memory(plan.device))
     recorder.flush(model)
     summary = None
     if procs.main:

@@ -83,6 +83,9 @@ def summary_text(metrics: dict, history: Optional[dict]) -> str:
         extras.append(f"{metrics['tokens_per_second']:.0f} tokens/s")
     if metrics.get("trainable_parameters"):
         extras.append(f"{metrics['trainable_parameters']:,} trainable parameters")
+    if metrics.get("peak_rss_mb"):
+        gpu = f", GPU {metrics['peak_gpu_mb'] / 1024:.1f} GiB" if metrics.get("peak_gpu_mb") else ""
+        extras.append(f"peak memory {metrics['peak_rss_mb'] / 1024:.1f} GiB{gpu}")
     if metrics.get("eval_passes"):
         base = ", base score from the cache" if metrics.get("base_from_cache") else ""
         extras.append(f"held-out evaluation {metrics['eval_passes']} x, {metrics['eval_seconds']:.0f} s, "
