@@ -61,8 +61,8 @@ def test_help_and_argument_errors_import_nothing_heavy():
     assert got["heavy"] == [] and got["library"] == []
     # only the commands asked for (train, report, merge), each its command line alone
     assert set(got["app"]) == {"l1ra.app.cli", "l1ra.app.console", "l1ra.app.errors", "l1ra.app.extras",
-                               "l1ra.app.schedule", "l1ra.app.train", "l1ra.app.train.command", "l1ra.app.train.options",
-                               "l1ra.app.deploy", "l1ra.app.deploy.command"}, got["app"]
+                               "l1ra.app.lazy", "l1ra.app.schedule", "l1ra.app.train", "l1ra.app.train.command",
+                               "l1ra.app.train.options", "l1ra.app.deploy", "l1ra.app.deploy.command"}, got["app"]
 
 def test_report_to_tensorboard_without_its_package_fails_at_start_up(tmp_path):
     out = tmp_path / "out"
