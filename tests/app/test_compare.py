@@ -472,13 +472,36 @@ def test_device_choice():
     native = devices.cpu_bf16_native()
     assert resolve_device("cpu")[1] == (torch.bfloat16 if native else None)
     assert pick(cuda_available=True, low_precision=False) == ("cuda", None)
-    with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA"):
-        pick("cuda")
-    with pytest.raises(ValueError, match="--device 'tpu'"):
-        pick("tpu")
     assert Precision("cpu", torch.bfloat16).scaler is None
     assert Precision("cuda", torch.float16).scaler is not None
 
+
+
+@pytest.mark.parametrize("requested, message", [
+    ("cuda", "--device cuda: this machine has no CUDA device; use --device auto or cpu"),
+    ("mps", "--device mps: this machine has no MPS device; use --device auto or cpu"),
+    ("tpu", "--device 'tpu' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    ("cuda:x", "--device 'cuda:x' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+])
+def test_a_bad_device_is_a_user_error_naming_the_value_and_the_fix(requested, message):
+    from l1ra.app.errors import UserError
+
+    with pytest.raises(UserError) as exc:
+        resolve_device(requested, cuda_available=False, mps_available=False, cpu_bf16=False)
+    assert str(exc.value) == message and isinstance(exc.value, ValueError)
+
+
+def test_a_bad_device_stops_compare_before_any_run(tmp_path, capsys):
+    from l1ra.app import cli
+
+    out = tmp_path / "cmp"
+    code = cli.main(["compare", "--task", "tiny", "--in-process", "--steps", "2", "--seeds", "1", "--methods", "lora",
+                     "--device", "tpu", "--output-dir", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured.out
+    assert captured.err.strip().splitlines()[-1] == (
+        "l1ra: error: --device 'tpu' is not a device; use auto, cpu, cuda, cuda:N or mps")
+    assert not out.exists()
 
 
 @pytest.mark.cuda

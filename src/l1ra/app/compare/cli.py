@@ -204,6 +204,9 @@ def run_from_args(args, argv: Optional[Sequence[str]] = None) -> int:
         print((Path(output_dir) / "results.md").read_text())
         return 0
     plan = make_plan(args)
+    from .loop import resolve_device  # torch: only once a comparison runs
+
+    resolve_device(plan.common["device"])  # a device this machine lacks is named before any run
     command = "l1ra compare " + shlex.join(list(argv) if argv is not None else _compare_argv())
     what = f"{args.dataset} ({plan.common['user_data']['rows']} rows)" if args.dataset else f"task {args.task}"
     print(f"l1ra compare: {what}, {len(plan.methods)} methods x {len(plan.seeds)} seeds, "
