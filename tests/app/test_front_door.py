@@ -227,6 +227,30 @@ def test_extras_table_matches_pyproject():
         assert names == set(modules.values()), extra
 
 
+# ---- warnings: third-party noise is silenced by its message, nothing else -------------------------------------
+
+
+def test_only_known_third_party_noise_is_silenced():
+    import warnings
+
+    from l1ra.app.console import quiet_third_party
+
+    def shown(message, category, module):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_third_party()
+            warnings.warn_explicit(message, category, f"{module.replace('.', '/')}.py", 1, module=module)
+        return [str(w.message) for w in caught]
+
+    noise = "`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing`"
+    assert shown(noise, FutureWarning, "transformers.modeling_utils") == []
+    # a library's other warnings (e.g. about how l1ra calls it) and l1ra's own still reach the terminal
+    for message, category, module in [("`foo` is deprecated; pass `bar`", FutureWarning, "transformers.trainer"),
+                                      ("`x` is deprecated", DeprecationWarning, "peft.tuners.lora"),
+                                      ("l1ra: a gate went non-finite", UserWarning, "transformers.trainer_callback")]:
+        assert shown(message, category, module) == [message], (message, module)
+
+
 # ---- .gguf models ---------------------------------------------------------------------------------------------
 
 

@@ -32,6 +32,9 @@ def test_two_processes_write_once_print_once_and_count_the_global_batch(tiny_llm
     # start-up lines, progress and the summary come from process 0 only
     assert err.count("adapters, budget") == 1 and "steps of 2x1 x 2 processes on cpu" in err, err[-3000:]
     assert err.count("scoring the base model") == 1 and err.count("train step 4/4") == 1, err[-3000:]
+    # every line l1ra prints comes once (the L1 reach, a data note, ...), and so does every warning
+    said = [line for line in err.splitlines() if line.startswith("l1ra:") or "Warning:" in line]
+    assert said and len(said) == len(set(said)), "\n".join(said)
     assert proc.stdout.count("held-out loss: base") == 1, proc.stdout
     for name in ("adapter/adapter_model.safetensors", "metrics.json", "rank_history.json", "train_config.json",
                  "summary.txt", "rank_heatmap.png", "loss_curves.png"):
