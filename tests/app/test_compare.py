@@ -504,6 +504,17 @@ def test_a_bad_device_stops_compare_before_any_run(tmp_path, capsys):
     assert not out.exists()
 
 
+
+def test_a_comparison_whose_runs_all_failed_ends_with_its_failures(tmp_path):
+    logged = []
+    results = run_compare([spec("lora", steps=2, device="tpu")], tmp_path, isolate=False, timing_steps=2,
+                          log=logged.append)
+    assert [(f["method"], f["error"]) for f in results["failures"]] == [
+        ("lora", "--device 'tpu' is not a device; use auto, cpu, cuda, cuda:N or mps")]
+    assert "interleaved step timing: no trained run to time" in logged and "step_timing" not in results
+    assert (tmp_path / "results.md").is_file()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_run_trains_and_scores_on_the_gpu(tiny):
