@@ -1,6 +1,6 @@
 """Helpers shared by tests in every folder (imported as `from helpers import ...`; tests/ is on sys.path because
 tests/conftest.py lives there): L1RA models and their training, a byte-level tokenizer, a tiny saved Llama and the
-`l1ra train` flags for a few-step run."""
+`l1ra train` flags for a few-step run, GGUF files and patterned PEFT adapters, a free port."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from conftest import ARCH_CASES, make_batch, make_model
 
 
 # ---- L1RA on the tiny models of conftest.py ------------------------------------------------------------------
+
 
 def build(arch, seed=0, **overrides):
     kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.0, update_every=100, **ARCH_CASES[arch])
@@ -49,7 +50,6 @@ def kill_gates(model, fraction=0.5, seed=0):
             gate.masked_fill_(torch.rand(gate.shape, generator=g) < fraction, 0.0)
 
 
-
 def trained(arch):
     """An L1RA model of `arch` trained a few steps, with ranks moved and some gates at exactly 0; and its batch."""
     model = build(arch, update_every=2, l1ra_lambda=0.0)
@@ -73,6 +73,7 @@ def gated_trained(arch="gpt2"):
     return model
 
 # ---- a tokenizer, a saved Llama, a QA dataset and the flags for a few-step `l1ra train` -------------------------
+
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
@@ -122,11 +123,7 @@ TRAIN_FLAGS = ["--max-steps", "4", "--batch-size", "2", "--max-length", "48", "-
                "--save-steps", "2", "--r", "4", "--update-every", "2", "--max-eval", "4"]
 
 
-def free_port() -> int:
-    """A TCP port free now on 127.0.0.1 (for a process group's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ---- GGUF files and patterned PEFT adapters (the llama.cpp export, .gguf models) -------------------------------
 
 
 def write_gguf(path: Path, arch: str) -> Path:
@@ -144,8 +141,6 @@ def write_gguf(path: Path, arch: str) -> Path:
     w.close()
     return path
 
-
-# ---- GGUF and patterned PEFT adapters (the llama.cpp export) ----------------------------------------------------
 
 def read_gguf(path):
     """A GGUF file's metadata, tensors (numpy) and tensor types."""
@@ -181,3 +176,13 @@ def save_patterned_run(root: Path) -> Path:
     make_model("llama").save_pretrained(root / "base")
     patterned_adapter(make_model("llama"), use_rslora=True).save_pretrained(root / "adapter")
     return root
+
+
+# ---- a rendezvous port for a process group -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free now on 127.0.0.1 (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
