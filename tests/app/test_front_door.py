@@ -145,6 +145,20 @@ def test_bad_flags_exit_2_naming_the_flag(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["train", "--lr", "fast"], ["compare", "--steps", "x"]])
+def test_a_bad_flag_is_two_lines_and_help_opens_with_what_the_command_does(argv, capsys):
+    # the usage line names no option (there are dozens): --help lists them, after the command's description
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0] == f"usage: l1ra {argv[0]} [options]", err
+    assert err[1].startswith(f"l1ra {argv[0]}: error: argument {argv[1]}: "), err
+    with pytest.raises(SystemExit):
+        main([argv[0], "--help"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"usage: l1ra {argv[0]} [options]" and out[1] == "" and out[2].startswith(("Fine-tune", "L1RA"))
+
+
 def test_dataclass_arguments_follow_the_field_types():
     @dataclass
     class Opts:

@@ -180,7 +180,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "compare",
         help="L1RA vs LoRA, AdaLoRA and ablations on a built-in task or your data: same budget, data, steps, seeds; "
              "tuned on a dev split",
-        description=DESCRIPTION,
+        description=DESCRIPTION, usage="%(prog)s [options]",  # --help lists the options
     )
     add_arguments(p)
     p.set_defaults(func=run_from_args)
@@ -228,7 +228,7 @@ def _compare_argv() -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m l1ra.app.compare ...` (the same as `l1ra compare ...`)."""
-    parser = argparse.ArgumentParser(prog="l1ra compare", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="l1ra compare", description=DESCRIPTION, usage="%(prog)s [options]")
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
