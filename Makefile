@@ -48,7 +48,7 @@ $(VENV)/.llama-cpp: $(STAMP)
 	touch $@
 
 test-llama-cpp: $(VENV)/.llama-cpp
-	LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) $(BIN)/python -m pytest -q -m llama_cpp tests/test_llamacpp.py
+	LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) $(BIN)/python -m pytest -q -m llama_cpp tests/integration/test_llamacpp.py
 
 run: $(STAMP)
 	$(BIN)/l1ra train --overwrite

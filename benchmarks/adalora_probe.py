@@ -12,11 +12,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from l1ra.app.compare.adapters import wrap_model
-from l1ra.app.compare.loop import lr_lambda
-from l1ra.app.compare.methods import ADALORA_SETTINGS
-from l1ra.app.compare.plan import RunSpec
-from l1ra.app.compare.worker import build_task
+from l1ra.app.compare import ADALORA_SETTINGS, RunSpec, build_task, lr_lambda, wrap_model
 
 
 def main() -> None:

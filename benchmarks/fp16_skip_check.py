@@ -36,9 +36,9 @@ def load(name: str, device: str):
         cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
         return LlamaForCausalLM(cfg).to(dtype), 256
-    from l1ra.app import assets
+    from l1ra.app import smollm2_dir
 
-    model = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(verbose=False), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(verbose=False), dtype=dtype)
     return model, model.config.vocab_size
 
 

@@ -21,9 +21,7 @@ from pathlib import Path
 
 import dataclasses
 
-from l1ra.app.compare.cli import add_arguments
-from l1ra.app.compare.plan import make_plan
-from l1ra.app.compare.worker import build_task, run_one
+from l1ra.app.compare import add_arguments, build_task, make_plan, run_one
 
 
 def parse_config(text: str) -> dict:

@@ -32,14 +32,14 @@ SHAPE = {}  # --batch-size / --seq-len overrides (a quick run: benchmarks/gpu_ch
 def load(name: str, device):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from l1ra.app import assets
+    from l1ra.app import minilm_dir, smollm2_dir
 
     if name == "minilm":
-        path = assets.minilm_dir()
+        path = minilm_dir()
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
         targets, task, batch_size, length = ["query", "key", "value", "dense"], "SEQ_CLS", 16, 128
     else:
-        path = assets.smollm2_dir(verbose=False)
+        path = smollm2_dir(verbose=False)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         targets, task, batch_size, length = "all-linear", "CAUSAL_LM", 8, 128
     tok = AutoTokenizer.from_pretrained(path)

@@ -1,8 +1,11 @@
-"""Tiny randomly initialised models built from configs (no download), shared by all tests."""
+"""Tiny randomly initialised models built from configs (no download), shared by all tests, and the fixtures that save
+one to a folder with a tiny dataset. Inherited by tests/lib, tests/app and tests/integration; helpers.py holds the
+rest of what they share."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -80,3 +83,29 @@ def minilm_dir() -> Path | None:
     if spec is None:
         return None
     return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+# ---- a tiny Llama saved to a folder and a tiny QA dataset, for the commands (`l1ra train --model DIR`) ----------
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    from helpers import save_tiny_llm
+
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_4bit(tmp_path_factory):
+    """A tiny Llama whose linear layers bitsandbytes can quantize on every CPU (multiples of 64)."""
+    from helpers import save_tiny_llm
+
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny-llm-4bit"), **LLAMA64)
+
+
+@pytest.fixture(scope="module")
+def qa_jsonl(tmp_path_factory):
+    from helpers import qa_rows
+
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in qa_rows()))
+    return path

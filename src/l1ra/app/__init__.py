@@ -2,3 +2,13 @@
 
 Built on the library (`import l1ra`) and never imported by it.
 """
+
+from .lazy import lazy_exports
+
+# The public surface for scripts (benchmarks/ use these names, or the packages l1ra.app.compare, .train, .deploy):
+# the offline models that the pinned packages ship, found on first use so that `l1ra --help` loads nothing more.
+_LAZY = {"smollm2_dir": "assets", "smollm2_gguf": "assets", "minilm_dir": "assets"}
+
+__all__ = [*_LAZY]
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

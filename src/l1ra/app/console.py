@@ -8,15 +8,12 @@ import sys
 from .extras import installed
 
 
-# Third-party warning noise, silenced by category and the module the warning is attributed to. Never a blanket
-# filter, never UserWarning: l1ra's own warnings ("l1ra: ...", UserWarning) must reach the user, and one raised
-# inside a Trainer callback is attributed to transformers' module.
-_THIRD_PARTY = r"(torch|transformers|peft|accelerate|datasets|trl|huggingface_hub|tokenizers|safetensors)(\..*)?$"
+# Third-party warnings a user of `l1ra` cannot act on, silenced one by one by their message; never by category or
+# module alone: a library's warning about how l1ra calls it must reach us, and l1ra's own warnings (UserWarning,
+# "l1ra: ...") must reach the user. Python's default filters already hide DeprecationWarnings raised in libraries.
 _NOISE = (
-    # deprecations inside the libraries l1ra calls (e.g. PEFT reading transformers' deprecated
-    # `is_gradient_checkpointing` on every PeftModel): nothing a user of `l1ra` can act on
-    (FutureWarning, _THIRD_PARTY),
-    (DeprecationWarning, _THIRD_PARTY),
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every PeftModel (transformers 5)
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
 )
 
 
@@ -24,8 +21,8 @@ def quiet_third_party() -> None:
     """Silence the libraries' progress bars, info logs and known warning noise; l1ra's own warnings stay."""
     import warnings
 
-    for category, module in _NOISE:
-        warnings.filterwarnings("ignore", category=category, module=module)
+    for category, message in _NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
     try:
         import transformers
 

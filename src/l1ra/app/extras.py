@@ -14,7 +14,7 @@ from typing import Iterable
 from .errors import UserError
 
 # extra -> {import name: pip distribution}; must match [project.optional-dependencies] in pyproject.toml
-# (tests/test_front_door.py checks it).
+# (tests/app/test_front_door.py checks it).
 EXTRAS: dict[str, dict[str, str]] = {
     "train": {"datasets": "datasets", "matplotlib": "matplotlib", "tqdm": "tqdm", "gguf": "gguf", "yaml": "pyyaml",
               "sentencepiece": "sentencepiece", "trl": "trl"},

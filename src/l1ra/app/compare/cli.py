@@ -180,7 +180,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "compare",
         help="L1RA vs LoRA, AdaLoRA and ablations on a built-in task or your data: same budget, data, steps, seeds; "
              "tuned on a dev split",
-        description=DESCRIPTION,
+        description=DESCRIPTION, usage="%(prog)s [options]",  # --help lists the options
     )
     add_arguments(p)
     p.set_defaults(func=run_from_args)
@@ -204,6 +204,9 @@ def run_from_args(args, argv: Optional[Sequence[str]] = None) -> int:
         print((Path(output_dir) / "results.md").read_text())
         return 0
     plan = make_plan(args)
+    from .loop import resolve_device  # torch: only once a comparison runs
+
+    resolve_device(plan.common["device"])  # a device this machine lacks is named before any run
     command = "l1ra compare " + shlex.join(list(argv) if argv is not None else _compare_argv())
     what = f"{args.dataset} ({plan.common['user_data']['rows']} rows)" if args.dataset else f"task {args.task}"
     print(f"l1ra compare: {what}, {len(plan.methods)} methods x {len(plan.seeds)} seeds, "
@@ -225,7 +228,7 @@ def _compare_argv() -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m l1ra.app.compare ...` (the same as `l1ra compare ...`)."""
-    parser = argparse.ArgumentParser(prog="l1ra compare", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="l1ra compare", description=DESCRIPTION, usage="%(prog)s [options]")
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

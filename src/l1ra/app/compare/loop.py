@@ -15,7 +15,12 @@ from typing import Optional
 import torch
 
 from .. import devices
+from ..errors import UserError
 from .lm import to_device
+
+
+class DeviceError(UserError, ValueError):
+    """`--device` names no device, or one this machine does not have."""
 
 
 def resolve_device(
@@ -35,15 +40,15 @@ def resolve_device(
     if mps_available is None:
         mps_available = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
     requested = (requested or "auto").lower()
-    if requested == "auto":
+    kind, _, index = requested.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        raise DeviceError(f"--device {requested!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "auto":
         device = "cuda" if cuda_available else "mps" if mps_available else "cpu"
-    elif requested.split(":")[0] in ("cuda", "cpu", "mps"):
-        device = requested
-        kind = device.split(":")[0]
-        if (kind == "cuda" and not cuda_available) or (kind == "mps" and not mps_available):
-            raise ValueError(f"--device {requested}: this machine has no {kind.upper()} device; use --device auto or cpu")
+    elif (kind == "cuda" and not cuda_available) or (kind == "mps" and not mps_available):
+        raise DeviceError(f"--device {requested}: this machine has no {kind.upper()} device; use --device auto or cpu")
     else:
-        raise ValueError(f"--device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
+        device = requested
     kind = device.split(":")[0]
     if kind == "cuda" and cuda_bf16 is None:
         cuda_bf16 = devices.cuda_bf16_native()  # as `l1ra train`: emulated bf16 (T4, V100) is slower than fp16

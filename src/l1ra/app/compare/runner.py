@@ -130,6 +130,9 @@ def step_timing(results: dict, output_dir: Path, task: str, timing_steps: int, *
     """Step time, second measurement: every row of the table (this sitting's and earlier ones') in one process, one
     step each in turn, so all its ratios come from one machine state. Skipped when these specs were measured."""
     tspecs = timing_specs(results, task, timing_steps)
+    if not tspecs:  # every run of the task failed: its failures are the report
+        log("interleaved step timing: no trained run to time")
+        return
     methods = [s.method for s in tspecs]
     key = hashlib.sha256("".join(spec_hash(s) for s in tspecs).encode()).hexdigest()[:16]
     old = results.get("step_timing", {}).get(task)

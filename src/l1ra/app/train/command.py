@@ -108,6 +108,7 @@ def coerce_option(cls, name: str, value):
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="fine-tune a model with L1RA (no arguments: SmolLM2-135M-Instruct on GSM8K, offline)",
+        usage="%(prog)s [options]",  # the options are listed by --help; a bad flag's error stays two lines
         description="Fine-tune a model with L1RA. With no arguments: SmolLM2-135M-Instruct on GSM8K, offline. Writes "
         "the adapter, metrics.json, rank_history.json and plots to --output-dir.",
     )

@@ -54,7 +54,7 @@ def classifier_collator(tokenizer) -> DataCollatorWithPadding:
 
 def supports_padding_free(model) -> bool:
     """Padding-free batches need a model whose attention builds its mask from `position_ids` (transformers'
-    attention-interface models: Llama, Qwen, Gemma, GPT-2, ... ; checked in tests/test_train_recipe.py)."""
+    attention-interface models: Llama, Qwen, Gemma, GPT-2, ... ; checked in tests/app/test_train_recipe.py)."""
     base = _base_model(model)
     generative = callable(getattr(base, "can_generate", None)) and base.can_generate()
     return generative and bool(getattr(base, "_supports_attention_backend", False)) and _accepts(base, "position_ids")
