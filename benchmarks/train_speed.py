@@ -37,7 +37,7 @@ DEFAULT_JOB = dict(r=8, lora_alpha=16, lr=2e-4)  # the default run's adapter and
 def machine_kind() -> dict:
     import torch
 
-    from l1ra.app.devices import cpu_bf16_native, current_plan
+    from l1ra.app import cpu_bf16_native, current_plan
 
     plan = current_plan()
     kind = {"device": plan.device, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -51,7 +51,7 @@ def matmul_flops(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of an n x n matmul in `dtype_name` on the plan's device: the machine's practical peak."""
     import torch
 
-    from l1ra.app.devices import current_plan
+    from l1ra.app import current_plan
 
     device = current_plan().device
     a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype_name))
@@ -81,7 +81,7 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, n_eval: i
     t_start = time.perf_counter()
     layout, attn, keep = parse_variant(variant)
     if keep:
-        from l1ra.app.train.memory import keep_freed_memory
+        from l1ra.app.train import keep_freed_memory
 
         assert keep_freed_memory(), "glibc's mallopt is not available here"
     import resource
@@ -89,10 +89,8 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, n_eval: i
 
     import torch
 
-    from l1ra.app.assets import smollm2_dir
-    from l1ra.app.devices import current_plan
-    from l1ra.app.train import data, shipped_data
-    from l1ra.app.train.models import load_model, load_tokenizer
+    from l1ra.app import current_plan, smollm2_dir
+    from l1ra.app.train import Format, gsm8k_split, load_model, load_tokenizer
 
     torch.manual_seed(0)
     plan = current_plan(cpu_bf16_default=True)
@@ -100,8 +98,8 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, n_eval: i
     tok = load_tokenizer(path)
     model = load_model(path, "causal-lm", load_in_4bit=False, plan=plan, attn_implementation=attn)
     n_params = sum(p.numel() for p in model.parameters())
-    train, held = shipped_data.gsm8k_split()
-    fmt = data.Format("prompt-completion", prompt="prompt", completion="completion")
+    train, held = gsm8k_split()
+    fmt = Format("prompt-completion", prompt="prompt", completion="completion")
     total = steps + 1
     with tempfile.TemporaryDirectory() as out:
         args = dict(output_dir=out, max_steps=total, per_device_train_batch_size=batch_size,
@@ -109,10 +107,10 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, n_eval: i
                     lr_scheduler_type="constant", logging_steps=1, save_strategy="no", eval_strategy="no",
                     report_to="none", disable_tqdm=True, seed=0, data_seed=0, **plan.training_arguments())
         if layout == "naive":
-            trainer = naive_trainer(model, tok, data, train[: batch_size * total * 4], held[:n_eval], fmt, max_length,
+            trainer = naive_trainer(model, tok, train[: batch_size * total * 4], held[:n_eval], fmt, max_length,
                                     args)
         else:
-            trainer = recipe_trainer(model, tok, data, train[: batch_size * total * 4], held[:n_eval], fmt, max_length,
+            trainer = recipe_trainer(model, tok, train[: batch_size * total * 4], held[:n_eval], fmt, max_length,
                                      args, layout)
         startup = time.perf_counter() - t_start
         times: list[float] = []
@@ -132,33 +130,35 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, n_eval: i
             "peak_rss_mb": peak, **ev}
 
 
-def recipe_trainer(model, tok, data, train_rows, held_rows, fmt, max_length, args, layout):
+def recipe_trainer(model, tok, train_rows, held_rows, fmt, max_length, args, layout):
     import l1ra
-    from l1ra.app.train.trainers import build_trainer
+    from l1ra.app.train import build_trainer, layout_arguments, sft_rows
 
-    rows, _ = data.sft_rows(tok, train_rows, fmt, max_length)
-    held, _ = data.sft_rows(tok, held_rows, fmt, max_length)
+    rows, _ = sft_rows(tok, train_rows, fmt, max_length)
+    held, _ = sft_rows(tok, held_rows, fmt, max_length)
     model = l1ra.get_l1ra_model(model, l1ra.L1RAConfig(
         r=DEFAULT_JOB["r"], lora_alpha=DEFAULT_JOB["lora_alpha"], target_modules="all-linear", lora_dropout=0.0,
         task_type="CAUSAL_LM", update_every=1000))  # no reallocation in the timed steps (benchmarks/overhead.py)
     if layout == "grouped":
-        args = dict(args, train_sampling_strategy="group_by_length")
+        args = dict(args, **layout_arguments(padding_free=False))  # the recipe's length-grouped sampler
     return build_trainer("causal-lm", model, tok, rows, held, dict(args, remove_unused_columns=False),
                          l1ra.create_optimizer(model, lr=DEFAULT_JOB["lr"]), [l1ra.L1RACallback()], max_length,
                          padding_free=layout == "packed")
 
 
-def naive_trainer(model, tok, data, train_rows, held_rows, fmt, max_length, args):
+def naive_trainer(model, tok, train_rows, held_rows, fmt, max_length, args):
     """What a user writes from PEFT's and transformers' docs: LoRA on all linear layers, tokenised prompt/completion
     pairs with the prompt masked, padded batches, the model's own loss, the Trainer's defaults."""
     import datasets
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
+    from l1ra.app.train import tokenize_rows
+
     model = get_peft_model(model, LoraConfig(r=DEFAULT_JOB["r"], lora_alpha=DEFAULT_JOB["lora_alpha"],
                                              target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"))
-    rows, _ = data.tokenize_rows(tok, train_rows, fmt, max_length)
-    held, _ = data.tokenize_rows(tok, held_rows, fmt, max_length)
+    rows, _ = tokenize_rows(tok, train_rows, fmt, max_length)
+    held, _ = tokenize_rows(tok, held_rows, fmt, max_length)
     return Trainer(model=model, args=TrainingArguments(**args, prediction_loss_only=True),
                    train_dataset=datasets.Dataset.from_list(rows), eval_dataset=datasets.Dataset.from_list(held),
                    data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))

@@ -184,8 +184,6 @@ def test_library_modules_import_each_other_without_cycles():
 BENCHMARKS = LIBRARY.parents[1] / "benchmarks"
 # The application's packages; a script imports these, or a name in their __all__, never a module inside them.
 PACKAGES = ("l1ra.app", "l1ra.app.compare", "l1ra.app.train", "l1ra.app.deploy")
-# Being rewritten; once it imports only public names this test says to remove it from here.
-PENDING = {"train_speed.py"}
 
 
 def private_imports(path: Path) -> list[str]:
@@ -208,9 +206,7 @@ def private_imports(path: Path) -> list[str]:
 def test_benchmarks_import_only_the_public_names_of_the_application():
     found = {path.name: private_imports(path) for path in sorted(BENCHMARKS.rglob("*.py"))}
     assert found, BENCHMARKS
-    assert [line for name, lines in found.items() if name not in PENDING for line in lines] == []
-    for name in PENDING:
-        assert found.get(name), f"benchmarks/{name} imports only public names now: remove it from PENDING"
+    assert [line for lines in found.values() for line in lines] == []
 
 
 def test_the_public_names_of_the_application_resolve():

@@ -7,7 +7,7 @@ import torch
 
 from l1ra.app.devices import DevicePlan, packs_batches, plan_device
 from l1ra.app.train import data
-from test_data import make_tokenizer
+from helpers import make_tokenizer
 from test_train_recipe import PC, _lm_trainer, _tiny_llama
 
 
