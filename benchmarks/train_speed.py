@@ -132,7 +132,7 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, n_eval: i
 
 def recipe_trainer(model, tok, train_rows, held_rows, fmt, max_length, args, layout):
     import l1ra
-    from l1ra.app.train import build_trainer, layout_arguments, sft_rows
+    from l1ra.app.train import build_trainer, sft_rows
 
     rows, _ = sft_rows(tok, train_rows, fmt, max_length)
     held, _ = sft_rows(tok, held_rows, fmt, max_length)
@@ -140,7 +140,7 @@ def recipe_trainer(model, tok, train_rows, held_rows, fmt, max_length, args, lay
         r=DEFAULT_JOB["r"], lora_alpha=DEFAULT_JOB["lora_alpha"], target_modules="all-linear", lora_dropout=0.0,
         task_type="CAUSAL_LM", update_every=1000))  # no reallocation in the timed steps (benchmarks/overhead.py)
     if layout == "grouped":
-        args = dict(args, **layout_arguments(padding_free=False))  # the recipe's length-grouped sampler
+        args = dict(args, train_sampling_strategy="group_by_length")  # the Trainer's length-grouped sampler
     return build_trainer("causal-lm", model, tok, rows, held, dict(args, remove_unused_columns=False),
                          l1ra.create_optimizer(model, lr=DEFAULT_JOB["lr"]), [l1ra.L1RACallback()], max_length,
                          padding_free=layout == "packed")

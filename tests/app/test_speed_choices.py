@@ -57,26 +57,6 @@ def test_a_cpu_run_pads_its_batches_and_evaluates_longest_first(tmp_path):
     assert padded < len(batches) * 4 * max(lengths)  # sorting keeps each batch near its own longest row
 
 
-def test_padded_batches_are_drawn_by_length_and_packed_ones_in_order(tmp_path):
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    from l1ra.app.train.recipe import layout_arguments
-
-    tok, sft = _rows(40)
-    assert layout_arguments(True) == {}
-    trainer = _lm_trainer(tmp_path, _tiny_llama(len(tok)), tok, sft, sft, 96, padding_free=False,
-                          per_device_train_batch_size=4, **layout_arguments(False))
-    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
-    batches = list(trainer.get_train_dataloader())
-    spread = [int(b["attention_mask"].sum(1).max() - b["attention_mask"].sum(1).min()) for b in batches]
-    plain = _lm_trainer(tmp_path / "plain", _tiny_llama(len(tok)), tok, sft, sft, 96, padding_free=False,
-                        per_device_train_batch_size=4)
-    plain_spread = [int(b["attention_mask"].sum(1).max() - b["attention_mask"].sum(1).min())
-                    for b in plain.get_train_dataloader()]
-    assert sum(spread) < sum(plain_spread)  # less padding per batch
-    assert sum(b["input_ids"].size(0) for b in batches) == len(trainer.train_dataset)  # each example once an epoch
-
-
 def test_the_heldout_score_does_not_depend_on_the_order_or_the_layout(tmp_path):
     from l1ra.app.train.trainers import from_trainer_metrics
 

@@ -70,7 +70,8 @@ def current_plan(bf16: Optional[bool] = None, cpu_bf16_default: bool = True) -> 
 def attention_for(device: str, flash_attn_installed: bool) -> Optional[str]:
     """The attention kernel a causal-LM run loads its model with: flash-attention 2 on CUDA where the `flash_attn`
     package is installed (a varlen kernel: batches are then packed, see `packs_batches`), else transformers' own
-    choice (SDPA). On a CPU eager attention was not faster than SDPA in benchmarks/train_speed.py and held more memory."""
+    choice (SDPA). On a CPU eager attention was not reliably faster than SDPA in benchmarks/train_speed.py and held
+    about 15% more memory."""
     return "flash_attention_2" if device == "cuda" and flash_attn_installed else None
 
 

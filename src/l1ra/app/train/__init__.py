@@ -8,7 +8,7 @@ from ..lazy import lazy_exports
 
 # The public surface for scripts (benchmarks/train_speed.py builds the recipe's Trainer from these), loaded on first use.
 _LAZY = {"Format": "data", "sft_rows": "data", "tokenize_rows": "data", "gsm8k_split": "shipped_data",
-         "load_model": "models", "load_tokenizer": "models", "build_trainer": "trainers", "layout_arguments": "recipe",
+         "load_model": "models", "load_tokenizer": "models", "build_trainer": "trainers",
          "keep_freed_memory": "memory"}
 
 __all__ = [*_LAZY]

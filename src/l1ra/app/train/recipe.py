@@ -113,18 +113,6 @@ def training_arguments(opts: TrainOptions, out: Path, steps: Steps, task: str, p
     )
 
 
-def layout_arguments(padding_free: bool) -> dict:
-    """Padded causal-LM batches are drawn from examples of similar length (the Trainer's length-grouped sampler: less
-    padding, measured faster per token in docs/train_speed.md); packed batches have no padding to save."""
-    from transformers import TrainingArguments
-
-    if padding_free:
-        return {}
-    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:  # transformers >= 5.x
-        return {"train_sampling_strategy": "group_by_length"}
-    return {"group_by_length": True}
-
-
 def load_examples(opts: TrainOptions, task: str, log) -> tuple[str, object, list, list, dict]:
     """`(model path, tokenizer, train rows, held-out rows, data info)` of the run."""
     if task == "classification":
@@ -210,10 +198,9 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     progress = (RunCallback if procs.main else FollowerCallback)(None, steps.max_steps, start=checkpoint_step(resume))
     packed = task == "causal-lm" and supports_padding_free(model) and packs_batches(
         plan.device, getattr(model.config, "_attn_implementation", None))
-    args = training_arguments(opts, out, steps, task, plan) | (layout_arguments(packed) if task == "causal-lm" else {})
-    trainer = build_trainer(task, model, tokenizer, train_rows, held_rows, args,
-                            l1ra.create_optimizer(model, lr=opts.lr), [l1ra.L1RACallback(), progress], opts.max_length,
-                            padding_free=packed)
+    trainer = build_trainer(task, model, tokenizer, train_rows, held_rows,
+                            training_arguments(opts, out, steps, task, plan), l1ra.create_optimizer(model, lr=opts.lr),
+                            [l1ra.L1RACallback(), progress], opts.max_length, padding_free=packed)
     if task == "causal-lm":
         data_info.update(check_truncation(trainer, train_rows, held_rows, opts.max_length, log))
     data_info["device"] = plan.describe() + (", 4-bit NF4 base" if opts.load_in_4bit else "")
