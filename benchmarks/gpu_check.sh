@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The first thing to run on a machine with a CUDA GPU (under 8 minutes on an H200-class GPU):
+# The first thing to run on a machine with a CUDA GPU (each step has a time limit; 10 minutes of limits in all):
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine, from the repository root or anywhere
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # every step in a tiny form on the CPU (plumbing only, ~3 min)
 #
 # Steps: (1) the CUDA-marked tests; (2) `l1ra train --max-steps 20` in bf16 on the shipped SmolLM2 / GSM8K;
 # (3) the same with --load-in-4bit; (4) benchmarks/overhead.py: L1RA/LoRA step time and max_memory_allocated;
-# (5) benchmarks/fp16_skip_check.py: fp16 + the loss scaler + fused AdamW, skipped steps must not move the gates.
+# (5) benchmarks/fp16_skip_check.py: fp16 + the loss scaler + fused AdamW, skipped steps must not move the gates;
+# (6) benchmarks/train_speed.py: padded, packed (and flash-attention where installed) against plain PEFT + Trainer.
 # Logs and outputs go to runs/gpu-check/; the dated summary block at the end (also runs/gpu-check/summary.txt) holds
 # the figures the README quotes.
 #
@@ -14,7 +15,7 @@
 # torch for the dry run). When that Python lacks the project's packages, `make install TORCH=torch` adds them to its
 # venv, or to .venv-gpu made on top of a system Python (--system-site-packages): the machine's CUDA torch is kept and
 # nothing is fetched beyond what `make install` fetches; a venv that cannot see that torch stops the script.
-# Each step has a time limit (450 s in all on a GPU, 300 s each in the dry run); a failed step does not stop the others.
+# Each step has a time limit (600 s in all on a GPU, 300 s each in the dry run); a failed step does not stop the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -131,6 +132,15 @@ record "overhead L1RA/LoRA" "$(grep -E '^(minilm|smollm2)' "$OUT/overhead.log" |
 # (5) fp16 with the scaler and fused AdamW: skipped steps must not move the gates
 step fp16_fused 60 "$PY" benchmarks/fp16_skip_check.py "${FP16[@]}"
 record "fp16 + fused AdamW" "$(grep -E '^fp16 fused' "$OUT/fp16_fused.log" | tail -n 1)"
+
+# (6) the recipe's batch layouts and attention kernels against plain PEFT LoRA + Trainer (docs/train_speed.md)
+if [ $DRY = 0 ]; then
+  SPEED=padded-sdpa,packed-sdpa,naive-sdpa
+  "$PY" -c "import flash_attn" >/dev/null 2>&1 && SPEED=$SPEED,packed-flash_attention_2
+  step train_speed 150 "$PY" benchmarks/train_speed.py --rounds 1 --steps 5 --variants "$SPEED" \
+    --json "$OUT/train_speed.json"
+  record "train_speed" "$(grep -E ' / naive' "$OUT/train_speed.log" | sed 's/  */ /g' | paste -sd';' -)"
+fi
 
 {
   echo "==== l1ra GPU check $([ $DRY = 1 ] && echo '(CPU dry run: plumbing only, no GPU figures)') ===="

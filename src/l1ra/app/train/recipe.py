@@ -162,12 +162,11 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
 
     import l1ra
 
-    from ..devices import attention_for, current_plan, flash_attn_installed, packs_batches
+    from ..devices import current_plan
     from .base_score import base_score_key
-    from .memory import peak_memory
     from .monitor import Recorder, RunCallback
     from .processes import FollowerCallback, FollowerRecorder, Processes
-    from .trainers import build_trainer, supports_padding_free
+    from .trainers import build_trainer
 
     explicit = set(explicit or ())
     opts = resolve_preset(opts, explicit)
@@ -191,16 +190,12 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     model_path, tokenizer, train_rows, held_rows, data_info = load_examples(opts, task, log)
     steps = Steps.plan(opts, len(train_rows), procs.world)
     config = l1ra_config(opts, task, steps.max_steps)
-    attn = attention_for(plan.device, flash_attn_installed()) if task == "causal-lm" else None
-    model = load_model(model_path, task, load_in_4bit=opts.load_in_4bit, plan=plan, attn_implementation=attn)
-    model = wrap_model(model, config, _targets(opts.target_modules))
+    model = wrap_model(load_run_model(model_path, task, opts.load_in_4bit, plan), config, _targets(opts.target_modules))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     progress = (RunCallback if procs.main else FollowerCallback)(None, steps.max_steps, start=checkpoint_step(resume))
-    packed = task == "causal-lm" and supports_padding_free(model) and packs_batches(
-        plan.device, getattr(model.config, "_attn_implementation", None))
     trainer = build_trainer(task, model, tokenizer, train_rows, held_rows,
                             training_arguments(opts, out, steps, task, plan), l1ra.create_optimizer(model, lr=opts.lr),
-                            [l1ra.L1RACallback(), progress], opts.max_length, padding_free=packed)
+                            [l1ra.L1RACallback(), progress], opts.max_length, padding_free=packs(model, task, plan))
     if task == "causal-lm":
         data_info.update(check_truncation(trainer, train_rows, held_rows, opts.max_length, log))
     data_info["device"] = plan.describe() + (", 4-bit NF4 base" if opts.load_in_4bit else "")
@@ -223,13 +218,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     finish(trainer, model, recorder, progress, steps, log)
     if procs.main:
         save_adapter(model, tokenizer, out / ADAPTER)
-    hist = l1ra.rank_history(model)
-    tokens = trainer.train_tokens()  # summed over the processes: the global batch
-    recorder.metrics.update(status="finished", wall_seconds=round(time.time() - t_start, 1),
-                            train_seconds=round(train_seconds, 1), train_tokens=tokens,
-                            tokens_per_second=round(tokens / train_seconds, 1) if train_seconds > 0 else None,
-                            steps=trainer.state.global_step, ranks_moved=hist.total_moved, **trainer.eval_figures(),
-                            **peak_memory(plan.device))
+    recorder.metrics.update(run_figures(trainer, model, train_seconds, time.time() - t_start, plan.device))
     recorder.flush(model)
     summary = None
     if procs.main:
@@ -238,6 +227,36 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
         summary = write_report(out)
     procs.wait()  # every process returns once the outputs are in place
     return {"metrics": recorder.metrics, "summary": summary}
+
+
+def load_run_model(model_path: str, task: str, load_in_4bit: bool, plan):
+    """The base model of the run, on a causal LM with flash-attention 2 on CUDA where it is installed."""
+    from ..devices import attention_for, flash_attn_installed
+
+    attn = attention_for(plan.device, flash_attn_installed()) if task == "causal-lm" else None
+    return load_model(model_path, task, load_in_4bit=load_in_4bit, plan=plan, attn_implementation=attn)
+
+
+def packs(model, task: str, plan) -> bool:
+    """Padding-free batches: a causal LM that supports them, on an attention kernel that makes them pay."""
+    from ..devices import packs_batches
+    from .trainers import supports_padding_free
+
+    attn = getattr(model.config, "_attn_implementation", None)
+    return task == "causal-lm" and supports_padding_free(model) and packs_batches(plan.device, attn)
+
+
+def run_figures(trainer, model, train_seconds: float, wall_seconds: float, device: str) -> dict:
+    """The finished run's figures for metrics.json: time, tokens, ranks moved, evaluations, peak memory."""
+    import l1ra
+
+    from .memory import peak_memory
+
+    tokens = trainer.train_tokens()  # summed over the processes: the global batch
+    return dict(status="finished", wall_seconds=round(wall_seconds, 1), train_seconds=round(train_seconds, 1),
+                train_tokens=tokens, tokens_per_second=round(tokens / train_seconds, 1) if train_seconds > 0 else None,
+                steps=trainer.state.global_step, ranks_moved=l1ra.rank_history(model).total_moved,
+                **trainer.eval_figures(), **peak_memory(device))
 
 
 def record_base(trainer, model, recorder, base: Optional[dict], key: str, procs, log) -> None:
