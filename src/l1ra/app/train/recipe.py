@@ -195,7 +195,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     progress = (RunCallback if procs.main else FollowerCallback)(None, steps.max_steps, start=checkpoint_step(resume))
     trainer = build_trainer(task, model, tokenizer, train_rows, held_rows,
                             training_arguments(opts, out, steps, task, plan), l1ra.create_optimizer(model, lr=opts.lr),
-                            [l1ra.L1RACallback(), progress], opts.max_length, padding_free=packs(model, task, plan))
+                            [l1ra.L1RACallback(), progress], opts.max_length)  # packed: devices.packs_batches
     if task == "causal-lm":
         data_info.update(check_truncation(trainer, train_rows, held_rows, opts.max_length, log))
     data_info["device"] = plan.describe() + (", 4-bit NF4 base" if opts.load_in_4bit else "")
@@ -235,15 +235,6 @@ def load_run_model(model_path: str, task: str, load_in_4bit: bool, plan):
 
     attn = attention_for(plan.device, flash_attn_installed()) if task == "causal-lm" else None
     return load_model(model_path, task, load_in_4bit=load_in_4bit, plan=plan, attn_implementation=attn)
-
-
-def packs(model, task: str, plan) -> bool:
-    """Padding-free batches: a causal LM that supports them, on an attention kernel that makes them pay."""
-    from ..devices import packs_batches
-    from .trainers import supports_padding_free
-
-    attn = getattr(model.config, "_attn_implementation", None)
-    return task == "causal-lm" and supports_padding_free(model) and packs_batches(plan.device, attn)
 
 
 def run_figures(trainer, model, train_seconds: float, wall_seconds: float, device: str) -> dict:
