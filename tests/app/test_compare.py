@@ -12,7 +12,7 @@ from l1ra.app.compare.adapters import wrap_model
 from l1ra.app.compare.cli import add_arguments, main as compare_main, parse_methods, parse_seeds
 from l1ra.app.compare.loop import Precision, lr_lambda, resolve_device
 from l1ra.app.compare.methods import ADALORA_SETTINGS, DEFAULT_METHODS, TUNED_L1RA
-from l1ra.app.compare.plan import RunSpec, beyond_edge, make_plan, plan_runs, spec_hash
+from l1ra.app.compare.plan import RunSpec, beyond_edge, centre_out, make_plan, plan_runs, spec_hash
 from l1ra.app.compare.render import plot_task, render_markdown
 from l1ra.app.compare.results import final_runs
 from l1ra.app.compare.runner import machine_info, run_compare
@@ -361,6 +361,18 @@ def test_plan_interleaves_and_rotates_methods():
     assert order[:3] == [(0, "lora"), (0, "adalora"), (0, "l1ra")]
     assert order[3:6] == [(1, "adalora"), (1, "l1ra"), (1, "lora")]
     assert [m for s, m in order if s == 2][0] == "l1ra"
+
+
+def test_tuning_runs_learning_rate_major_from_the_grids_centre():
+    # a sitting stopped part-way must leave every method at the same learning rates, the middle of the grid first
+    assert centre_out([3e-3, 1e-3, 3e-4]) == [1e-3, 3e-4, 3e-3]
+    assert centre_out([1, 2, 3, 4, 5]) == [3, 2, 4, 1, 5] and centre_out([1, 2, 3, 4]) == [2, 1, 3, 4]
+    args = parser().parse_args(["--task", "tiny", "--tune", "--lr-grid", "1e-3,1e-2,1e-1",
+                                      "--methods", "lora,l1ra,base"])
+    specs = make_plan(args).tuning_specs()
+    assert [(s.lr, s.method) for s in specs] == [(1e-2, "lora"), (1e-2, "l1ra"), (1e-3, "lora"), (1e-3, "l1ra"),
+                                                 (1e-1, "lora"), (1e-1, "l1ra")]
+    assert {s.split for s in specs} == {"dev"}
 
 
 def test_argument_parsing_errors_name_the_flag():

@@ -94,9 +94,18 @@ def plan_runs(methods: Sequence[str], seeds: Sequence[int]) -> list[tuple[int, s
     return order
 
 
+def centre_out(values: Sequence[float]) -> list[float]:
+    """Sorted values from the middle outwards, the lower neighbour before the upper: [1, 2, 3, 4, 5] -> [3, 2, 4, 1, 5]."""
+    vals = sorted(values)
+    mid = (len(vals) - 1) // 2
+    order = [vals[mid]]
+    for k in range(1, len(vals)):
+        order += [v for v in (vals[mid - k] if mid - k >= 0 else None, vals[mid + k] if mid + k < len(vals) else None)
+                  if v is not None]
+    return order
+
+
 @dataclass
-
-
 class Plan:
     """What a `compare` command runs: the tuning grid on the dev split (may be empty) and the final runs' template."""
 
@@ -119,8 +128,11 @@ class Plan:
                        **self.per_method[method])
 
     def tuning_specs(self) -> list[RunSpec]:
+        """Learning-rate-major, the grid's centre first: a sitting stopped part-way leaves every method scored at the
+        same learning rates, the likeliest best ones first."""
         tuned = [m for m in self.methods if m != "base"]  # base trains nothing: no learning rate to tune
-        return [self.spec(m, seed, lr, "dev") for seed, m in plan_runs(tuned, self.tune_seeds) for lr in self.lr_grid]
+        return [self.spec(m, seed, lr, "dev") for lr in centre_out(self.lr_grid)
+                for seed, m in plan_runs(tuned, self.tune_seeds)]
 
     def final_specs(self, lr_by_method: dict) -> list[RunSpec]:
         return [self.spec(m, s, lr_by_method.get(m, self.common["lr"]), "test")
