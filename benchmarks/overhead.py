@@ -3,12 +3,13 @@
     python benchmarks/overhead.py                      # MiniLM and SmolLM2-135M
     python benchmarks/overhead.py --models minilm --steps 30
     python benchmarks/overhead.py --capacities 2 3 4   # L1RA at max_rank = 2r, 3r, 4r next to LoRA
+    python benchmarks/overhead.py --no-timing          # peak memory only (one fresh process per method)
 
 For each model: LoRA and L1RA train on the same batch, one step each, in turn (the order rotates every step), so
 machine noise hits all alike. Prints the median step-time ratio (L1RA/LoRA, including `after_optimizer_step`), the
 cost of one reallocation in training steps, and the peak-memory ratio: on CUDA from `max_memory_allocated`; on CPU
-from the peak resident memory of a fresh subprocess per method (which includes the shared base model, so it is the
-whole-process figure a user sees). With several --capacities, one L1RA model per capacity (max_rank = k x r) runs in
+from the peak resident memory (`VmHWM`) of a fresh subprocess per method (which includes the base model, so it is the
+whole-process figure a user sees; not `ru_maxrss`, which Linux carries over from this parent process). With several --capacities, one L1RA model per capacity (max_rank = k x r) runs in
 the same rotation, and each gets its own ratios.
 """
 
@@ -132,11 +133,11 @@ def peak_memory(name: str, method: str, device, autocast: bool, steps: int = 3) 
             step(*run, batch, device, autocast)
         return float(torch.cuda.max_memory_allocated())
     code = (
-        f"import sys, resource, torch; sys.path.insert(0, 'benchmarks'); import overhead as o; o.SHAPE.update({SHAPE!r}); "
+        f"import sys, torch; sys.path.insert(0, 'benchmarks'); import overhead as o; o.SHAPE.update({SHAPE!r}); "
         f"torch.set_num_threads({torch.get_num_threads()}); "
         f"base, batch, kw = o.load({name!r}, torch.device('cpu')); run = o.build({method!r}, base, kw); "
         f"[o.step(*run, batch, torch.device('cpu'), {autocast}) for _ in range({steps})]; "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "from l1ra.app import peak_rss_mb; print(peak_rss_mb() * 2**20)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -152,6 +153,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, help="examples per batch (default: 16 MiniLM, 8 SmolLM2)")
     parser.add_argument("--seq-len", type=int, help="tokens per example (default: 128)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (one fresh process each)")
+    parser.add_argument("--no-timing", action="store_true", help="peak memory only: skip the step-time rotation")
     parser.add_argument("--capacities", nargs="+", type=int, metavar="K",
                         help="L1RA capacities to compare, as multiples k of r (max_rank = k x r); default: the "
                              "library's default capacity only")
@@ -160,22 +162,23 @@ def main(argv=None):
     device = torch.device(args.device)
     autocast = not args.no_bf16
     methods = ("lora", *([f"l1ra_c{k}" for k in args.capacities] if args.capacities else ["l1ra"]))
+    if args.no_timing and args.no_memory:
+        parser.error("--no-timing with --no-memory leaves nothing to measure")
     rows = []
     for name in args.models:
-        row = bench(name, args.steps, device, autocast, methods)
+        row = {"model": name} if args.no_timing else bench(name, args.steps, device, autocast, methods)
         mem = {m: (float("nan") if args.no_memory else peak_memory(name, m, device, autocast)) for m in methods}
         row["peak_lora_mib"] = mem["lora"] / 2**20
         for m in methods[1:]:
-            r = row[m]
+            r = row.setdefault(m, {})
             r.update(peak_mib=mem[m] / 2**20, memory_ratio=mem[m] / mem["lora"])
-            print(
-                f"{name:8s} {m:8s} step L1RA/LoRA {r['step_time_ratio']:.3f} (median {r['step_s']:.3f}s vs "
-                f"{row['lora_step_s']:.3f}s over {args.steps} steps in turn) | trainable params "
+            timing = "" if args.no_timing else (
+                f"step L1RA/LoRA {r['step_time_ratio']:.3f} (median {r['step_s']:.3f}s vs {row['lora_step_s']:.3f}s "
+                f"over {args.steps} steps in turn) | trainable params "
                 f"{r['trainable_params'] / row['lora_trainable_params']:.2f}x LoRA's | one reallocation "
-                f"{r['reallocation_in_steps']:.3f} steps ({r['reallocation_s'] * 1000:.0f} ms) | peak memory "
-                f"L1RA/LoRA {r['memory_ratio']:.3f} ({r['peak_mib']:.0f} vs {row['peak_lora_mib']:.0f} MiB)",
-                flush=True,
-            )
+                f"{r['reallocation_in_steps']:.3f} steps ({r['reallocation_s'] * 1000:.0f} ms) | ")
+            print(f"{name:8s} {m:8s} {timing}peak memory L1RA/LoRA {r['memory_ratio']:.3f} ({r['peak_mib']:.0f} vs "
+                  f"{row['peak_lora_mib']:.0f} MiB)", flush=True)
         rows.append(row)
     if args.json:
         with open(args.json, "w") as f:

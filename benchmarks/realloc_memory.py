@@ -19,7 +19,8 @@ import sys
 def one(method: str, autocast: bool, steps: int) -> dict:
     import torch
 
-    from l1ra.app.compare import Precision, RunSpec, build_task, lr_lambda, peak_rss_mb, rss_mb, train_step, wrap_model
+    from l1ra.app import peak_rss_mb, rss_mb
+    from l1ra.app.compare import Precision, RunSpec, build_task, lr_lambda, train_step, wrap_model
 
     torch.set_num_threads(1)
     task = build_task("sentiment", 64, 50)

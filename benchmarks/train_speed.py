@@ -9,7 +9,7 @@ so that load drifting over the run hits them all alike. A variant is `LAYOUT-ATT
   examples with `position_ids`), or `naive`: plain PEFT LoRA (same rank, alpha, targets, lr, data) with
   `transformers.Trainer`, padded batches, the model's own loss on full logits, the Trainer's default optimizer;
 - ATTENTION: the model's `attn_implementation` (`sdpa`, `eager`, `flash_attention_2` where installed);
-- `+keep`: glibc told to keep freed memory (`l1ra.app.train.memory.keep_freed_memory`).
+- `+keep`: glibc told to keep freed memory (`l1ra.app.memory.keep_freed_memory`).
 
 Per variant: start-up (imports, model load, wrap, Trainer and data), median step time and tokens/s (non-padding
 tokens; "useful" ones carry loss), one held-out evaluation pass and a forward-only pass over the same batches (the
@@ -81,15 +81,14 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, n_eval: i
     t_start = time.perf_counter()
     layout, attn, keep = parse_variant(variant)
     if keep:
-        from l1ra.app.train import keep_freed_memory
+        from l1ra.app import keep_freed_memory
 
         assert keep_freed_memory(), "glibc's mallopt is not available here"
-    import resource
     import tempfile
 
     import torch
 
-    from l1ra.app import current_plan, smollm2_dir
+    from l1ra.app import current_plan, peak_rss_mb, smollm2_dir
     from l1ra.app.train import Format, gsm8k_split, load_model, load_tokenizer
 
     torch.manual_seed(0)
@@ -121,7 +120,7 @@ def worker(variant: str, steps: int, batch_size: int, max_length: int, n_eval: i
         useful = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
         trainer.train()
         ev = eval_speed(trainer, model)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mb()
     step_s = statistics.median(times[1:])
     return {"variant": variant, "device": plan.describe(), "params": n_params, "startup_s": startup, "step_s": step_s,
             "cpu_s_per_step": statistics.median(cpu[1:]),

@@ -156,7 +156,24 @@ def test_the_summary_gives_evaluation_and_memory_figures():
 
 
 def test_peak_memory_reads_this_process():
-    from l1ra.app.train.memory import peak_memory
+    from l1ra.app.memory import peak_memory
 
     figures = peak_memory("cpu")
     assert set(figures) == {"peak_rss_mb"} and figures["peak_rss_mb"] > 50  # torch alone is more than 50 MiB
+
+
+def test_peak_memory_of_a_started_process_is_its_own_not_its_parents():
+    # Linux carries getrusage's ru_maxrss across fork and exec: a benchmark parent holding several models made every
+    # child report the parent's peak (identical figures for every method). VmHWM starts afresh at exec.
+    import subprocess
+    import sys
+
+    from l1ra.app.memory import peak_rss_mb
+
+    held = torch.ones(128 * 2**20)  # 512 MiB written in this process
+    parent_peak = peak_rss_mb()
+    code = "from l1ra.app.memory import peak_memory; print(peak_memory('cpu')['peak_rss_mb'])"
+    child_peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True).stdout.split()[-1])
+    del held
+    assert parent_peak > 600 and child_peak < parent_peak - 400, (parent_peak, child_peak)

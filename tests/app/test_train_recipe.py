@@ -264,6 +264,6 @@ def test_nonfinite_flag_stays_on_the_device():
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
                     reason="glibc only")
 def test_keep_freed_memory_applies_on_glibc():
-    from l1ra.app.train.memory import keep_freed_memory
+    from l1ra.app.memory import keep_freed_memory
 
     assert keep_freed_memory() is True

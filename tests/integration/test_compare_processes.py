@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from l1ra.app.compare.measure import rss_mb
+from l1ra.app.memory import rss_mb
 from l1ra.app.compare.plan import RunSpec
 from l1ra.app.compare.runner import run_compare, run_isolated
 

@@ -38,10 +38,10 @@ from .plan import RunSpec, make_plan
 # The public surface for scripts (benchmarks/ use only these names): the command line (add_parser, add_arguments,
 # main), a run's settings (RunSpec, make_plan, ADALORA_SETTINGS), and the pieces of one run, which need torch and so
 # load on first use: build_task (a task's data), run_one (one run), wrap_model (a method's adapter and optimizer),
-# lr_lambda / train_step / Precision (the training loop), rss_mb / peak_rss_mb (this process's memory).
+# lr_lambda / train_step / Precision (the training loop).
 _LAZY = {
     "build_task": "worker", "run_one": "worker", "wrap_model": "adapters", "lr_lambda": "loop", "train_step": "loop",
-    "Precision": "loop", "rss_mb": "measure", "peak_rss_mb": "measure",
+    "Precision": "loop",
 }
 
 __all__ = ["ADALORA_SETTINGS", "RunSpec", "add_arguments", "add_parser", "main", "make_plan", *_LAZY]

@@ -1,42 +1,12 @@
-"""What a run measures besides its score: memory (its own process's peak RSS), parameters and ranks (allocated and
+"""What a run measures besides its score (memory: `l1ra.app.memory`): parameters and ranks (allocated and
 effective), the bytes it keeps for training, its data order and the state of L1RA's gates."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import resource
 
 import torch
 from torch import nn
-
-
-def rss_mb() -> float:
-    """Current resident set size of this process in MiB (Linux /proc; psutil elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:  # pragma: no cover - non-Linux
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process's own memory so far in MiB.
-
-    Linux: `VmHWM` of /proc/self/status, the high-water mark of the address space this program runs in (a fresh one
-    after exec). Not `getrusage(...).ru_maxrss`: Linux carries it across fork and exec, so a worker started by a
-    parent holding 1 GB would report at least 1 GB whatever it does itself."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:  # pragma: no cover - non-Linux
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if os.uname().sysname == "Darwin" else peak / 1024
 
 
 def trainable_params(model: nn.Module) -> int:

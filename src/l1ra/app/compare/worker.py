@@ -17,9 +17,10 @@ import torch
 
 from ...atomic import atomic_write_json
 from ...history import mean_rank_by_type
+from ..memory import peak_rss_mb, rss_mb
 from .adapters import wrap_model
 from .loop import lr_lambda, make_precision, train_step
-from .measure import (data_order_hash, final_ranks, gate_quantiles, peak_rss_mb, rss_mb, trainable_params,
+from .measure import (data_order_hash, final_ranks, gate_quantiles, trainable_params,
                       training_state_mb)
 from .methods import L1RA_METHODS
 from .plan import RunSpec, spec_hash

@@ -184,7 +184,7 @@ def run_train(opts: TrainOptions, explicit: Optional[set[str]] = None, log=None)
     t_start = time.time()
     torch.manual_seed(opts.seed)
     if plan.device == "cpu":
-        from .memory import keep_freed_memory
+        from ..memory import keep_freed_memory
 
         keep_freed_memory()  # fewer page faults per step (docs/train_speed.md)
     model_path, tokenizer, train_rows, held_rows, data_info = load_examples(opts, task, log)
@@ -241,7 +241,7 @@ def run_figures(trainer, model, train_seconds: float, wall_seconds: float, devic
     """The finished run's figures for metrics.json: time, tokens, ranks moved, evaluations, peak memory."""
     import l1ra
 
-    from .memory import peak_memory
+    from ..memory import peak_memory
 
     tokens = trainer.train_tokens()  # summed over the processes: the global batch
     return dict(status="finished", wall_seconds=round(wall_seconds, 1), train_seconds=round(train_seconds, 1),
