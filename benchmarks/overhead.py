@@ -9,8 +9,8 @@ For each model: LoRA and L1RA train on the same batch, one step each, in turn (t
 machine noise hits all alike. Prints the median step-time ratio (L1RA/LoRA, including `after_optimizer_step`), the
 cost of one reallocation in training steps, and the peak-memory ratio: on CUDA from `max_memory_allocated`; on CPU
 from the peak resident memory (`VmHWM`) of a fresh subprocess per method (which includes the base model, so it is the
-whole-process figure a user sees; not `ru_maxrss`, which Linux carries over from this parent process). With several --capacities, one L1RA model per capacity (max_rank = k x r) runs in
-the same rotation, and each gets its own ratios.
+whole-process figure a user sees; not `ru_maxrss`, which Linux carries over from this parent process). With several
+--capacities, one L1RA model per capacity (max_rank = k x r) runs in the same rotation, and each gets its own ratios.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def plan_runs(methods: Sequence[str], seeds: Sequence[int]) -> list[tuple[int, s
 
 
 def centre_out(values: Sequence[float]) -> list[float]:
-    """Sorted values from the middle outwards, the lower neighbour before the upper: [1, 2, 3, 4, 5] -> [3, 2, 4, 1, 5]."""
+    """Sorted values from the middle outwards, the lower neighbour first: [1, 2, 3, 4, 5] -> [3, 2, 4, 1, 5]."""
     vals = sorted(values)
     mid = (len(vals) - 1) // 2
     order = [vals[mid]]
